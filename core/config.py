@@ -1,0 +1,161 @@
+"""One validated configuration for every host: defaults < retain.toml < RETAIN_* env < flags."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DAY_MS = 86_400_000
+_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": DAY_MS, "w": 7 * DAY_MS}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$")
+
+
+def parse_duration_ms(value: Any) -> int:
+    """Accept '7d', '36h', '90m', '2w', '500ms' or a number of milliseconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as '7d' or '12h'")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return int(value)
+    match = _DURATION.match(str(value))
+    if not match:
+        raise ValueError(f"{value!r} is not a duration; use a number and a unit, e.g. 7d or 12h")
+    return int(float(match.group(1)) * _UNITS_MS[match.group(2)])
+
+
+def format_duration_ms(ms: int) -> str:
+    for unit in ("w", "d", "h", "m", "s"):
+        size = _UNITS_MS[unit]
+        if ms and ms % size == 0:
+            return f"{ms // size}{unit}"
+    return f"{ms}ms"
+
+
+DurationMs = Annotated[
+    int, BeforeValidator(parse_duration_ms), PlainSerializer(format_duration_ms, return_type=str)
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StateSettings(_Section):
+    lateness: DurationMs = Field(
+        default=7 * DAY_MS,
+        description="Events older than this behind the customer's latest event are set aside.",
+    )
+    activity_window_days: int = Field(default=90, ge=1, le=3650)
+    rolling_windows_days: list[int] = Field(default=[30, 90, 365], min_length=1)
+    active_includes_subscriptions: bool = Field(
+        default=False, description="Also count an open subscription as active (PRODUCT.md)."
+    )
+
+
+class SignalSettings(_Section):
+    lapse_factor: float = Field(default=3.0, gt=0, description="k in k x own purchase interval.")
+    lapse_min_days: int = Field(default=14, ge=1)
+    lapse_horizon_days: int = Field(default=60, ge=1, description="Lapse for one-time buyers.")
+    spend_decline_window_days: int = Field(default=90, ge=7)
+    spend_decline_ratio: float = Field(default=0.5, gt=0, lt=1)
+    spend_decline_min_spend: float = Field(default=50.0, ge=0)
+    p_alive_threshold: float = Field(default=0.3, gt=0, lt=1)
+    risk_threshold: int = Field(default=70, ge=1, le=100)
+
+
+class PolicySettings(_Section):
+    frequency_cap: int = Field(default=3, ge=0, description="Messages per customer per window.")
+    frequency_window: DurationMs = 7 * DAY_MS
+    require_consent: bool = True
+
+
+class PluginSettings(_Section):
+    failure_limit: int = Field(default=5, ge=1, description="Consecutive failures to disable.")
+    time_budget_ms: int = Field(default=200, ge=1)
+    options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Per-plugin settings, by plugin name."
+    )
+
+
+class KafkaSettings(_Section):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    app_id: str = "retain"
+    events_topic: str = "retain-events"
+    dead_letter_topic: str = "retain-dead-letters"
+    late_topic: str = "retain-late-events"
+    signals_topic: str = "retain-signals"
+    actions_topic: str = "retain-actions"
+    partitions: int = Field(default=4, ge=1)
+    store: str = "rocksdb://"
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    ssl_cafile: Path | None = None
+    web_host: str = "127.0.0.1"
+    web_port: int = Field(default=6066, ge=1, le=65535)
+    web_token: str | None = None
+    tick_interval_s: float = Field(default=10.0, gt=0)
+
+
+class Settings(BaseSettings):
+    """Every knob retain has. Environment: ``RETAIN_<SECTION>__<FIELD>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RETAIN_", env_nested_delimiter="__", extra="forbid", validate_assignment=True
+    )
+
+    data_dir: Path = Field(default=Path(".retain"), description="Where the embedded store lives.")
+    batch_size: int = Field(default=5000, ge=1, le=1_000_000)
+    actions_file: Path | None = Field(
+        default=None, description="JSONL file for emitted actions (default: DATA_DIR/actions.jsonl)"
+    )
+    url: str | None = Field(default=None, description="A running worker to query instead.")
+    sinks: list[str] = Field(
+        default=["jsonl"], description="Where emitted actions go: jsonl, console, webhook, ..."
+    )
+    webhook_url: str | None = Field(default=None, description="For the webhook sink.")
+    state: StateSettings = StateSettings()
+    signals: SignalSettings = SignalSettings()
+    policy: PolicySettings = PolicySettings()
+    plugins: PluginSettings = PluginSettings()
+    kafka: KafkaSettings = KafkaSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (
+            init_settings,
+            env_settings,
+            TomlConfigSettingsSource(settings_cls, toml_file=config_file_path()),
+        )
+
+    @property
+    def store_path(self) -> Path:
+        return self.data_dir / "retain.db"
+
+    @property
+    def actions_path(self) -> Path:
+        return self.actions_file or self.data_dir / "actions.jsonl"
+
+
+def config_file_path() -> Path:
+    """``$RETAIN_CONFIG`` or ``./retain.toml``."""
+    return Path(os.environ.get("RETAIN_CONFIG", "retain.toml"))

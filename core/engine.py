@@ -1,0 +1,276 @@
+"""The engine: one event in, what changed out. Both hosts drive exactly this code.
+
+    event -> reducer -> detectors -> signals -> strategy hooks -> policy -> actions -> sinks
+
+It knows no transport and no wall clock: time is event time. The host tells it when
+time has advanced (:meth:`Engine.advance`), so lapses are raised as time passes even
+when a customer sends nothing, and a replay of the same input raises the same signals.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from retain.core.actions import Action, action_to_dict, apply_policy, stamp
+from retain.core.config import Settings
+from retain.core.events import AnyEvent, epoch_ms
+from retain.core.manager import PluginHost
+from retain.core.signals import DetectContext, Detector, Signal, content_id
+from retain.core.sinks import Sink
+from retain.core.state import Applied, CustomerState, apply
+from retain.core.store import Store
+
+log = structlog.get_logger("retain.engine")
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What one event (or one tick of the clock) did."""
+
+    status: Applied | str
+    customer_id: str
+    signals: list[Signal] = field(default_factory=list)
+    actions: list[Action] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        host: PluginHost,
+        *,
+        model: Any = None,
+        sinks: Iterable[Sink] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.host = host
+        self.lateness_ms = settings.state.lateness
+        self.detect_ctx = DetectContext(settings.signals, self.lateness_ms, model)
+        registry = host.collect("retain_register_detectors", "detector", lambda d: d.name)
+        self.detectors: list[Detector] = list(registry.items.values())
+        if sinks is None:
+            available = host.collect("retain_register_sinks", "sink", lambda s: s.name)
+            sinks = [available.items[n] for n in settings.sinks if n in available.items]
+            missing = [n for n in settings.sinks if n not in available.items]
+            if missing:
+                raise ValueError(
+                    f"sinks: no sink named {', '.join(missing)} "
+                    f"(available: {', '.join(sorted(available.items))})"
+                )
+        self.sinks = list(sinks)
+        self.stats: Counter[str] = Counter()
+        self.clock_ms = int(store.get_meta("clock_ms") or 0)
+        self._timers: list[tuple[int, str]] | None = None
+        self._started = False
+
+    # -- lifecycle -------------------------------------------------------------------
+    def start(self) -> None:
+        if not self._started:
+            self._started = True
+            for plugin, _ in self.host.call_each("retain_startup", {"settings": self.settings}):
+                log.debug("plugin started", plugin=plugin)
+
+    def close(self) -> None:
+        if self._started:
+            self.host.call_each("retain_shutdown", {"settings": self.settings})
+            self._started = False
+        for sink in self.sinks:
+            sink.close()
+
+    def set_model(self, model: Any) -> None:
+        self.detect_ctx.model = model
+        self._timers = None
+
+    # -- the per-event path --------------------------------------------------------------
+    def process(self, event: AnyEvent) -> Outcome:
+        customer_id = event.customer_id
+        state = self.store.get(customer_id)
+        is_new = state is None
+        ts = epoch_ms(event.occurred_at)
+        if state is None:
+            cutoff = self.store.erased_before(customer_id)
+            if cutoff is not None and ts <= cutoff:
+                # Replaying history must not bring an erased customer back.
+                self.stats["erased"] += 1
+                return Outcome("erased", customer_id)
+            state = CustomerState(customer_id)
+        outcome = Outcome(Applied.APPLIED, customer_id)
+        final = ts - self.lateness_ms
+        if state.due_ms is not None and state.due_ms <= final:
+            # The customer's own event proves their due moment is final: nothing earlier
+            # than a lateness before it can still be accepted for them.
+            self._wake(state, final, outcome)
+        status = apply(state, event, self.lateness_ms)
+        self.stats[status.value] += 1
+        if self.host.implementations("retain_observe_event"):
+            self.host.call_each(
+                "retain_observe_event", {"event": event, "status": status.value}, state, ts
+            )
+        if status is not Applied.APPLIED:
+            outcome.status = status
+            if outcome.signals:  # a wake-up above still changed the state
+                self._finish(state, outcome)
+            return outcome
+        if is_new:
+            self.stats["customers"] += 1
+
+        for plugin, actions in self.host.call_each(
+            "retain_react_to_event", {"event": event, "state": state}, state, ts
+        ):
+            self._propose(state, actions, plugin, event.event_id, ts, outcome)
+        self._detect(state, event, state.watermark_ms, outcome)
+        self._schedule(state, state.watermark_ms)
+        if self.host.implementations("retain_observe_state"):
+            self.host.call_each(
+                "retain_observe_state", {"state": state, "cause": event.event_id}, state, ts
+            )
+        self._finish(state, outcome)
+        if ts > self.clock_ms:
+            self.clock_ms = ts
+        return outcome
+
+    def advance(self, now_ms: int | None = None) -> list[Outcome]:
+        """Let event time pass: wake every customer whose due moment is final by ``now``.
+
+        A moment is final once the clock is a full lateness past it, because no event
+        earlier than that can still be accepted into the stream; so the signals raised do
+        not depend on how customers' events happened to interleave.
+        """
+        if now_ms is not None and now_ms > self.clock_ms:
+            self.clock_ms = now_ms
+        limit = self.clock_ms - self.lateness_ms
+        timers = self._load_timers()
+        woken: list[Outcome] = []
+        while timers and timers[0][0] <= limit:
+            due, customer_id = heapq.heappop(timers)
+            state = self.store.get(customer_id)
+            if state is None or state.due_ms != due:
+                continue  # a stale timer: the customer was rescheduled or erased
+            outcome = Outcome("clock", customer_id)
+            self._wake(state, limit, outcome)
+            self._finish(state, outcome)
+            woken.append(outcome)
+        self.store.set_meta("clock_ms", self.clock_ms)
+        return woken
+
+    # -- steps -----------------------------------------------------------------------
+    def _wake(self, state: CustomerState, limit: int, outcome: Outcome) -> None:
+        """Run clock-driven detection at each due moment up to ``limit``, in time order."""
+        while state.due_ms is not None and state.due_ms <= limit:
+            moment = state.due_ms
+            self._detect(state, None, moment, outcome)
+            self._schedule(state, moment)
+        if self.host.implementations("retain_observe_state"):
+            self.host.call_each(
+                "retain_observe_state", {"state": state, "cause": "clock"}, state, limit
+            )
+
+    def _detect(
+        self, state: CustomerState, event: AnyEvent | None, now_ms: int, outcome: Outcome
+    ) -> None:
+        for detector in self.detectors:
+            try:
+                proposals = detector.detect(state, event, now_ms, self.detect_ctx)
+            except Exception as exc:  # a broken detector must not stop the stream
+                log.error("detector failed", detector=detector.name,
+                          customer_id=state.customer_id, error=repr(exc))
+                self.stats["detector_failures"] += 1
+                continue
+            for p in proposals:
+                if state.raised.get(p.kind) == p.anchor:
+                    continue
+                state.raised[p.kind] = p.anchor
+                signal = Signal(
+                    signal_id=content_id(state.customer_id, p.kind, p.anchor),
+                    customer_id=state.customer_id,
+                    kind=p.kind,
+                    score=p.score,
+                    at_ms=p.at_ms,
+                    anchor=p.anchor,
+                    evidence=p.evidence,
+                    detector=detector.name,
+                )
+                outcome.signals.append(signal)
+                self.stats["signals"] += 1
+                for plugin, actions in self.host.call_each(
+                    "retain_react_to_signal", {"signal": signal, "state": state}, state, p.at_ms
+                ):
+                    self._propose(state, actions, plugin, signal.signal_id, p.at_ms, outcome)
+
+    def _schedule(self, state: CustomerState, after_ms: int) -> None:
+        due: int | None = None
+        for detector in self.detectors:
+            try:
+                moment = detector.next_due(state, self.detect_ctx)
+            except Exception as exc:
+                log.error("detector failed", detector=detector.name,
+                          customer_id=state.customer_id, error=repr(exc))
+                continue
+            if moment is not None and moment > after_ms and (due is None or moment < due):
+                due = moment
+        state.due_ms = due
+        if due is not None and self._timers is not None:
+            heapq.heappush(self._timers, (due, state.customer_id))
+
+    def _propose(
+        self,
+        state: CustomerState,
+        actions: Any,
+        plugin: str,
+        cause: str,
+        at_ms: int,
+        outcome: Outcome,
+    ) -> None:
+        if not actions:
+            return
+        for action in actions if isinstance(actions, list | tuple) else [actions]:
+            stamp(action, customer_id=state.customer_id, strategy=plugin, cause=cause, at_ms=at_ms)
+            apply_policy(action, state, self.settings.policy, self._filter)
+            self.stats[f"actions_{action.status}"] += 1
+            if action.status == "suppressed":
+                log.info("action suppressed", customer_id=state.customer_id, plugin=plugin,
+                         kind=action.kind, reason=action.reason)
+            outcome.actions.append(action)
+
+    def _filter(self, action: Action, state: CustomerState) -> str | None:
+        veto = self.host.call_first(
+            "retain_filter_action", {"action": action, "state": state}, state, action.at_ms
+        )
+        return None if veto is None else f"vetoed by {veto[0]}: {veto[1]}"
+
+    def _finish(self, state: CustomerState, outcome: Outcome) -> None:
+        self.store.put(state)
+        if outcome.signals:
+            self.store.add_signals(outcome.signals)
+        if outcome.actions:
+            self.store.add_actions(outcome.actions)
+            emitted = [action_to_dict(a) for a in outcome.actions if a.status == "emitted"]
+            if emitted:
+                for sink in self.sinks:
+                    try:
+                        sink.emit(emitted)
+                    except Exception as exc:
+                        log.error("sink failed", sink=sink.name, error=repr(exc))
+                        self.stats["sink_failures"] += 1
+
+    def _load_timers(self) -> list[tuple[int, str]]:
+        if self._timers is None:
+            self._timers = [(due, cid) for cid, due in self.store.timers()]
+            heapq.heapify(self._timers)
+        return self._timers
+
+    def flush_sinks(self) -> None:
+        for sink in self.sinks:
+            sink.flush()
+
+    def forget(self, customer_id: str) -> bool:
+        """Erase a customer: state, signals and actions. True if there was anything."""
+        return self.store.forget(customer_id)

@@ -1,0 +1,391 @@
+"""Where customer state, signals and actions live between events.
+
+``Store`` is the small interface the engine needs. :class:`MemoryStore` serves tests and
+``retain.testing``; :class:`SqliteStore` is the embedded host's durable single file, in
+which customer state and the input position are committed in one transaction, so an
+interrupted run resumes exactly where its last commit left off.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Protocol
+
+import orjson
+
+from retain.core.signals import Signal
+from retain.core.state import CustomerState
+
+if TYPE_CHECKING:
+    from retain.core.actions import Action
+
+STORE_FORMAT = "retain-store/1"
+
+
+class StoreError(RuntimeError):
+    """The store cannot be used (missing, foreign, corrupt, locked); one readable line."""
+
+
+def erasure_key(customer_id: str) -> str:
+    """Erasure records keep a hash, not the id itself."""
+    return hashlib.blake2b(customer_id.encode(), digest_size=16).hexdigest()
+
+
+class Store(Protocol):
+    def get(self, customer_id: str) -> CustomerState | None: ...
+    def put(self, state: CustomerState) -> None: ...
+    def states(self) -> Iterator[CustomerState]: ...
+    def count(self) -> int:
+        stored = int(self.db.execute("SELECT count(*) FROM customers").fetchone()[0])
+        return stored + sum(1 for cid in self._dirty if self._fresh or not self._stored(cid))
+
+    def _stored(self, customer_id: str) -> bool:
+        query = "SELECT 1 FROM customers WHERE id = ?"
+        return self.db.execute(query, (customer_id,)).fetchone() is not None
+
+    def timers(self) -> Iterator[tuple[str, int]]: ...
+    def add_signals(self, signals: Iterable[Signal]) -> None: ...
+    def add_actions(self, actions: Iterable[Action]) -> None: ...
+    def signals(self, customer_id: str | None = None, kind: str | None = None,
+                limit: int | None = None) -> list[dict[str, Any]]: ...
+    def actions(self, customer_id: str | None = None, status: str | None = None,
+                strategy: str | None = None, limit: int | None = None) -> list[dict[str, Any]]: ...
+    def get_meta(self, key: str) -> Any: ...
+    def set_meta(self, key: str, value: Any) -> None: ...
+    def forget(self, customer_id: str) -> bool: ...
+    def erased_before(self, customer_id: str) -> int | None: ...
+    def commit(self) -> None: ...
+    def close(self) -> None: ...
+
+
+def _signal_row(s: Signal) -> tuple[Any, ...]:
+    return (s.signal_id, s.customer_id, s.kind, s.score, s.at_ms, orjson.dumps(s.to_dict()))
+
+
+def _action_row(a: Action) -> tuple[Any, ...]:
+    body = orjson.dumps(a.model_dump(mode="json"))
+    return (a.action_id, a.customer_id, a.strategy, a.kind, a.status, a.at_ms, body)
+
+
+def _newest_first(rows: list[dict[str, Any]], limit: int | None) -> list[dict[str, Any]]:
+    rows.sort(key=lambda r: (r["at_ms"], r.get("signal_id") or r.get("action_id")), reverse=True)
+    return rows[:limit] if limit else rows
+
+
+class MemoryStore:
+    """Everything in dicts; nothing survives the process."""
+
+    def __init__(self) -> None:
+        self._states: dict[str, CustomerState] = {}
+        self._signals: dict[str, dict[str, Any]] = {}
+        self._actions: dict[str, dict[str, Any]] = {}
+        self._meta: dict[str, Any] = {}
+        self._erased: dict[str, int] = {}
+
+    def get(self, customer_id: str) -> CustomerState | None:
+        return self._states.get(customer_id)
+
+    def put(self, state: CustomerState) -> None:
+        self._states[state.customer_id] = state
+
+    def states(self) -> Iterator[CustomerState]:
+        return iter(list(self._states.values()))
+
+    def count(self) -> int:
+        return len(self._states)
+
+    def timers(self) -> Iterator[tuple[str, int]]:
+        return ((cid, s.due_ms) for cid, s in self._states.items() if s.due_ms is not None)
+
+    def add_signals(self, signals: Iterable[Signal]) -> None:
+        for s in signals:
+            self._signals.setdefault(s.signal_id, s.to_dict())
+
+    def add_actions(self, actions: Iterable[Action]) -> None:
+        for a in actions:
+            self._actions.setdefault(a.action_id, a.model_dump(mode="json"))
+
+    def signals(self, customer_id: str | None = None, kind: str | None = None,
+                limit: int | None = None) -> list[dict[str, Any]]:
+        rows = [s for s in self._signals.values()
+                if (customer_id is None or s["customer_id"] == customer_id)
+                and (kind is None or s["kind"] == kind)]
+        return _newest_first(rows, limit)
+
+    def actions(self, customer_id: str | None = None, status: str | None = None,
+                strategy: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+        rows = [a for a in self._actions.values()
+                if (customer_id is None or a["customer_id"] == customer_id)
+                and (status is None or a["status"] == status)
+                and (strategy is None or a["strategy"] == strategy)]
+        return _newest_first(rows, limit)
+
+    def get_meta(self, key: str) -> Any:
+        return self._meta.get(key)
+
+    def set_meta(self, key: str, value: Any) -> None:
+        self._meta[key] = value
+
+    def forget(self, customer_id: str) -> bool:
+        state = self._states.pop(customer_id, None)
+        self._signals = {k: v for k, v in self._signals.items() if v["customer_id"] != customer_id}
+        self._actions = {k: v for k, v in self._actions.items() if v["customer_id"] != customer_id}
+        if state is not None:
+            self._erased[erasure_key(customer_id)] = state.watermark_ms
+        return state is not None
+
+    def erased_before(self, customer_id: str) -> int | None:
+        return self._erased.get(erasure_key(customer_id))
+
+    def commit(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS customers (
+    id TEXT PRIMARY KEY, due_ms INTEGER, state BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS signals (
+    signal_id TEXT PRIMARY KEY, customer_id TEXT NOT NULL, kind TEXT NOT NULL,
+    score INTEGER NOT NULL, at_ms INTEGER NOT NULL, body BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS signals_customer ON signals (customer_id);
+CREATE TABLE IF NOT EXISTS actions (
+    action_id TEXT PRIMARY KEY, customer_id TEXT NOT NULL, strategy TEXT NOT NULL,
+    kind TEXT NOT NULL, status TEXT NOT NULL, at_ms INTEGER NOT NULL, body BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS actions_customer ON actions (customer_id);
+CREATE TABLE IF NOT EXISTS erasures (key TEXT PRIMARY KEY, cutoff_ms INTEGER NOT NULL);
+"""
+
+
+class SqliteStore:
+    """One SQLite file. Writes are buffered in memory and land in one transaction.
+
+    A writer takes an exclusive lock file beside the database, so two runs cannot
+    interleave their batches; readers (the query commands) need no lock.
+    """
+
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+        self.path = path
+        self.readonly = readonly
+        self._lock: IO[bytes] | None = None
+        if readonly:
+            if not path.exists():
+                raise StoreError(
+                    f"no store at {path}: run 'retain run FILE' or 'retain demo' first"
+                )
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock = _exclusive_lock(path.with_suffix(".lock"))
+        existed = path.exists() and path.stat().st_size > 0
+        try:
+            uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
+            self.db = sqlite3.connect(uri, uri=True, isolation_level=None,
+                                      check_same_thread=False)
+            self.db.execute("PRAGMA busy_timeout = 5000")
+            if not readonly:
+                self.db.execute("PRAGMA journal_mode = WAL")
+                self.db.execute("PRAGMA synchronous = NORMAL")
+            self._check_format(existed)
+        except sqlite3.DatabaseError as exc:
+            self._release()
+            raise StoreError(f"{path} is not a usable retain store: {exc}") from None
+        self._cache: dict[str, CustomerState] = {}
+        self._dirty: set[str] = set()
+        self._signals: list[tuple[Any, ...]] = []
+        self._actions: list[tuple[Any, ...]] = []
+        self._meta: dict[str, Any] = {}
+        self._fresh = False
+        self._fresh = not existed or self.count() == 0
+        self._erased = dict(self.db.execute("SELECT key, cutoff_ms FROM erasures")) \
+            if existed or not readonly else {}
+
+    def _check_format(self, existed: bool) -> None:
+        if existed:
+            tables = {r[0] for r in self.db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            row = self.db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone() \
+                if "meta" in tables else None
+            if row is None or orjson.loads(row[0]) != STORE_FORMAT:
+                found = orjson.loads(row[0]) if row else "no retain format marker"
+                raise StoreError(f"{self.path} is not a retain store ({found}); refusing to touch it")
+        elif not self.readonly:
+            self.db.executescript(_SCHEMA)
+            self.db.execute("INSERT INTO meta VALUES ('format', ?)", (orjson.dumps(STORE_FORMAT),))
+
+    # -- customer state --------------------------------------------------------------
+    def get(self, customer_id: str) -> CustomerState | None:
+        state = self._cache.get(customer_id)
+        if state is not None or self._fresh:
+            return state
+        row = self.db.execute("SELECT state FROM customers WHERE id = ?", (customer_id,)).fetchone()
+        if row is None:
+            return None
+        state = CustomerState.from_json(row[0])
+        self._cache[customer_id] = state
+        return state
+
+    def put(self, state: CustomerState) -> None:
+        self._cache[state.customer_id] = state
+        self._dirty.add(state.customer_id)
+
+    def states(self) -> Iterator[CustomerState]:
+        for cid, raw in self.db.execute("SELECT id, state FROM customers"):
+            if cid not in self._cache:
+                yield CustomerState.from_json(raw)
+        yield from list(self._cache.values())
+
+    def count(self) -> int:
+        stored = self.db.execute("SELECT count(*) FROM customers").fetchone()[0]
+        unsaved = sum(1 for cid in self._dirty if cid in self._cache)
+        return int(stored) + unsaved if self._fresh else int(stored) + len(
+            [c for c in self._dirty if not self._stored(c)])
+
+    def _stored(self, customer_id: str) -> bool:
+        return self.db.execute("SELECT 1 FROM customers WHERE id = ?", (customer_id,)).fetchone() \
+            is not None
+
+    def timers(self) -> Iterator[tuple[str, int]]:
+        for cid, due in self.db.execute(
+            "SELECT id, due_ms FROM customers WHERE due_ms IS NOT NULL"
+        ):
+            if cid not in self._cache:
+                yield cid, due
+        for cid, state in self._cache.items():
+            if state.due_ms is not None:
+                yield cid, state.due_ms
+
+    # -- signals and actions ---------------------------------------------------------
+    def add_signals(self, signals: Iterable[Signal]) -> None:
+        self._signals.extend(_signal_row(s) for s in signals)
+
+    def add_actions(self, actions: Iterable[Action]) -> None:
+        self._actions.extend(_action_row(a) for a in actions)
+
+    def signals(self, customer_id: str | None = None, kind: str | None = None,
+                limit: int | None = None) -> list[dict[str, Any]]:
+        sql, args = _where("SELECT body FROM signals", customer_id=customer_id, kind=kind)
+        sql += " ORDER BY at_ms DESC, signal_id DESC" + (f" LIMIT {int(limit)}" if limit else "")
+        return [orjson.loads(r[0]) for r in self.db.execute(sql, args)]
+
+    def actions(self, customer_id: str | None = None, status: str | None = None,
+                strategy: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+        sql, args = _where("SELECT body FROM actions", customer_id=customer_id, status=status,
+                           strategy=strategy)
+        sql += " ORDER BY at_ms DESC, action_id DESC" + (f" LIMIT {int(limit)}" if limit else "")
+        return [orjson.loads(r[0]) for r in self.db.execute(sql, args)]
+
+    # -- meta, erasure, commit -------------------------------------------------------
+    def get_meta(self, key: str) -> Any:
+        if key in self._meta:
+            return self._meta[key]
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return orjson.loads(row[0]) if row else None
+
+    def set_meta(self, key: str, value: Any) -> None:
+        self._meta[key] = value
+
+    def forget(self, customer_id: str) -> bool:
+        self.commit()
+        state = self.get(customer_id)
+        self._cache.pop(customer_id, None)
+        self._dirty.discard(customer_id)
+        with self._transaction():
+            for table, column in (("customers", "id"), ("signals", "customer_id"),
+                                  ("actions", "customer_id")):
+                self.db.execute(f"DELETE FROM {table} WHERE {column} = ?", (customer_id,))
+            if state is not None:
+                key = erasure_key(customer_id)
+                self._erased[key] = state.watermark_ms
+                self.db.execute("INSERT OR REPLACE INTO erasures VALUES (?, ?)",
+                                (key, state.watermark_ms))
+        return state is not None
+
+    def erased_before(self, customer_id: str) -> int | None:
+        if not self._erased:
+            return None
+        return self._erased.get(erasure_key(customer_id))
+
+    def commit(self) -> None:
+        """Write every buffered change, and the meta (input position) with it, atomically."""
+        if self.readonly or not (self._dirty or self._signals or self._actions or self._meta):
+            return
+        with self._transaction():
+            if self._dirty:
+                self.db.executemany(
+                    "INSERT OR REPLACE INTO customers (id, due_ms, state) VALUES (?, ?, ?)",
+                    [(cid, self._cache[cid].due_ms, self._cache[cid].to_json())
+                     for cid in self._dirty if cid in self._cache],
+                )
+            if self._signals:
+                self.db.executemany("INSERT OR IGNORE INTO signals VALUES (?, ?, ?, ?, ?, ?)",
+                                    self._signals)
+            if self._actions:
+                self.db.executemany("INSERT OR IGNORE INTO actions VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                    self._actions)
+            if self._meta:
+                self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                                    [(k, orjson.dumps(v)) for k, v in self._meta.items()])
+        self._dirty.clear()
+        self._signals.clear()
+        self._actions.clear()
+        self._meta.clear()
+        self._fresh = False
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self.db)
+
+    def close(self) -> None:
+        try:
+            self.db.close()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def __enter__(self) -> SqliteStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def _where(base: str, **filters: str | None) -> tuple[str, list[Any]]:
+    clauses = [f"{k} = ?" for k, v in filters.items() if v is not None]
+    args = [v for v in filters.values() if v is not None]
+    return (base + (" WHERE " + " AND ".join(clauses) if clauses else "")), args
+
+
+def _exclusive_lock(path: Path) -> IO[bytes]:
+    handle = path.open("ab")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise StoreError(
+            f"the store {path.with_suffix('.db')} is in use by another retain process "
+            f"(lock {path}); wait for it to finish"
+        ) from None
+    os.set_inheritable(handle.fileno(), False)
+    return handle

@@ -1,0 +1,1 @@
+"""pytest plugin for retain plugin authors (filled in by the plugin framework)."""
