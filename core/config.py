@@ -159,3 +159,42 @@ class Settings(BaseSettings):
 def config_file_path() -> Path:
     """``$RETAIN_CONFIG`` or ``./retain.toml``."""
     return Path(os.environ.get("RETAIN_CONFIG", "retain.toml"))
+
+
+def describe_sources(settings: Settings, overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Every setting, its effective value, and where it came from: flag, env, file or default."""
+    import tomllib
+
+    path = config_file_path()
+    file_values: dict[str, Any] = {}
+    if path.is_file():
+        with path.open("rb") as fp:
+            file_values = tomllib.load(fp)
+    rows = []
+    dumped = settings.model_dump(mode="json")
+    for section, value in dumped.items():
+        items = value.items() if isinstance(value, dict) and section != "plugins" else [(None, value)]
+        if section == "plugins":
+            items = value.items()
+        for key, inner in items:
+            name = section if key is None else f"{section}.{key}"
+            env = "RETAIN_" + name.upper().replace(".", "__")
+            in_file = file_values.get(section) if key is None else (
+                file_values.get(section, {}) or {}).get(key)
+            if overrides and _lookup(overrides, section, key) is not None:
+                source = "flag"
+            elif env in os.environ:
+                source = f"env {env}"
+            elif in_file is not None:
+                source = f"file {path}"
+            else:
+                source = "default"
+            rows.append({"name": name, "value": inner, "source": source})
+    return rows
+
+
+def _lookup(values: dict[str, Any], section: str, key: str | None) -> Any:
+    found = values.get(section)
+    if key is None:
+        return found
+    return found.get(key) if isinstance(found, dict) else None

@@ -227,11 +227,13 @@ class PAliveDetector:
     name = "p_alive"
 
     def _probability(self, state: CustomerState, now_ms: int, model: Any) -> float | None:
+        if model is None:
+            return None
+        x, t_x, age, _ = state.rfm(now_ms)
+        if x == 0:
+            return None
         from retain.core import btyd
 
-        x, t_x, age, _ = state.rfm(now_ms)
-        if x == 0 or model is None:
-            return None
         unit = 7.0 if model.time_unit == "week" else 1.0
         return float(btyd.p_alive(model, x, t_x / unit, max(age, 0) / unit))
 
@@ -252,11 +254,13 @@ class PAliveDetector:
         ]
 
     def next_due(self, state: CustomerState, ctx: DetectContext) -> int | None:
+        model = ctx.model
+        if model is None:
+            return None
         from retain.core import btyd
 
-        model = ctx.model
         x, t_x, _, _ = state.rfm(state.watermark_ms)
-        if model is None or x == 0 or state.raised.get("p_alive") == f"day{day_of(state.last_purchase_ms or 0)}":
+        if x == 0 or state.raised.get("p_alive") == f"day{day_of(state.last_purchase_ms or 0)}":
             return None
         unit = 7.0 if model.time_unit == "week" else 1.0
         horizon = (t_x + 3650) / unit
