@@ -49,6 +49,10 @@ class Engine:
         model: Any = None,
         sinks: Iterable[Sink] | None = None,
     ) -> None:
+        if not structlog.is_configured():
+            from retain.core.logs import configure_logging
+
+            configure_logging()
         self.settings = settings
         self.store = store
         self.host = host
