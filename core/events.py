@@ -60,7 +60,7 @@ class _EventBase(BaseModel):
         default=None, max_length=200, description="Display name, used only to personalise."
     )
     metadata: dict[str, JsonValue] | None = None
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1] = 1
 
 
 class Item(BaseModel):

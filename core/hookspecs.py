@@ -16,8 +16,8 @@ import pluggy
 if TYPE_CHECKING:
     from retain.core.actions import Action
     from retain.core.config import Settings
-    from retain.core.manager import HookContext
     from retain.core.events import AnyEvent
+    from retain.core.manager import HookContext
     from retain.core.signals import Detector, Signal
     from retain.core.sinks import Sink
     from retain.core.state import CustomerState

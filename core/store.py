@@ -40,14 +40,7 @@ class Store(Protocol):
     def get(self, customer_id: str) -> CustomerState | None: ...
     def put(self, state: CustomerState) -> None: ...
     def states(self) -> Iterator[CustomerState]: ...
-    def count(self) -> int:
-        stored = int(self.db.execute("SELECT count(*) FROM customers").fetchone()[0])
-        return stored + sum(1 for cid in self._dirty if self._fresh or not self._stored(cid))
-
-    def _stored(self, customer_id: str) -> bool:
-        query = "SELECT 1 FROM customers WHERE id = ?"
-        return self.db.execute(query, (customer_id,)).fetchone() is not None
-
+    def count(self) -> int: ...
     def timers(self) -> Iterator[tuple[str, int]]: ...
     def add_signals(self, signals: Iterable[Signal]) -> None: ...
     def add_actions(self, actions: Iterable[Action]) -> None: ...
@@ -202,8 +195,8 @@ class SqliteStore:
         self._signals: list[tuple[Any, ...]] = []
         self._actions: list[tuple[Any, ...]] = []
         self._meta: dict[str, Any] = {}
-        self._fresh = False
-        self._fresh = not existed or self.count() == 0
+        self._fresh = not existed or not self.db.execute(
+            "SELECT 1 FROM customers LIMIT 1").fetchone()
         self._erased = dict(self.db.execute("SELECT key, cutoff_ms FROM erasures")) \
             if existed or not readonly else {}
 
@@ -243,14 +236,12 @@ class SqliteStore:
         yield from list(self._cache.values())
 
     def count(self) -> int:
-        stored = self.db.execute("SELECT count(*) FROM customers").fetchone()[0]
-        unsaved = sum(1 for cid in self._dirty if cid in self._cache)
-        return int(stored) + unsaved if self._fresh else int(stored) + len(
-            [c for c in self._dirty if not self._stored(c)])
+        stored = int(self.db.execute("SELECT count(*) FROM customers").fetchone()[0])
+        return stored + sum(1 for cid in self._dirty if self._fresh or not self._stored(cid))
 
     def _stored(self, customer_id: str) -> bool:
-        return self.db.execute("SELECT 1 FROM customers WHERE id = ?", (customer_id,)).fetchone() \
-            is not None
+        query = "SELECT 1 FROM customers WHERE id = ?"
+        return self.db.execute(query, (customer_id,)).fetchone() is not None
 
     def timers(self) -> Iterator[tuple[str, int]]:
         for cid, due in self.db.execute(

@@ -8,7 +8,7 @@ from typing import Any
 
 from retain.core.config import DAY_MS, Settings
 from retain.core.engine import Engine
-from retain.core.events import event_from_dict, epoch_ms
+from retain.core.events import epoch_ms, event_from_dict
 from retain.core.manager import PluginHost
 from retain.core.store import MemoryStore
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from retain.core.config import DAY_MS
-from retain.core.events import AnyEvent, event_from_dict, epoch_ms
+from retain.core.events import AnyEvent, epoch_ms, event_from_dict
 from retain.core.state import Applied, CustomerState, apply
 
 LATENESS_MS = 7 * DAY_MS
