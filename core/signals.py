@@ -73,7 +73,12 @@ class Detector(Protocol):
 
 
 class _EventDetector:
-    """Base for detectors that only react to events and never need the clock."""
+    """Base for detectors that only react to events and never need the clock.
+
+    The others are clock-driven: they look only when the engine wakes a customer at a
+    moment that is final (see Engine.advance), never on an arriving event, so what they
+    raise does not depend on how events interleave.
+    """
 
     name = "event"
 
@@ -151,6 +156,8 @@ class LapseDetector:
     def detect(
         self, state: CustomerState, event: AnyEvent | None, now_ms: int, ctx: DetectContext
     ) -> list[Proposal]:
+        if event is not None:
+            return []  # clock-driven: looks only when its moment is final
         due = lapse_due_ms(state, ctx.settings)
         last = state.last_purchase_ms or 0
         if due is None or now_ms < due or state.account_cancelled_between(last, now_ms):
@@ -185,6 +192,8 @@ class SpendDeclineDetector:
     def detect(
         self, state: CustomerState, event: AnyEvent | None, now_ms: int, ctx: DetectContext
     ) -> list[Proposal]:
+        if event is not None:
+            return []  # clock-driven: looks only when its moment is final
         if not state.days:
             return []
         s = ctx.settings
@@ -240,6 +249,8 @@ class PAliveDetector:
     def detect(
         self, state: CustomerState, event: AnyEvent | None, now_ms: int, ctx: DetectContext
     ) -> list[Proposal]:
+        if event is not None:
+            return []  # clock-driven: looks only when its moment is final
         p = self._probability(state, now_ms, ctx.model)
         if p is None or p >= ctx.settings.p_alive_threshold:
             return []
@@ -319,6 +330,8 @@ class RiskDetector:
     def detect(
         self, state: CustomerState, event: AnyEvent | None, now_ms: int, ctx: DetectContext
     ) -> list[Proposal]:
+        if event is not None:
+            return []  # clock-driven: looks only when its moment is final
         score, parts = risk_score(state, now_ms, ctx.settings, ctx.model)
         if score < ctx.settings.risk_threshold:
             return []
