@@ -13,8 +13,9 @@ import time
 import numpy as np
 import numpy.typing as npt
 import pytest
-from retain.core import btyd
 from scipy import special, stats
+
+from retain.core import btyd
 
 TRUE = btyd.BGNBDParams(
     r=0.24, alpha=4.41, a=0.79, b=2.43, log_likelihood=0.0, n_customers=0, time_unit="week"
