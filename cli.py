@@ -70,9 +70,9 @@ AsOfOpt = Annotated[
 @app.callback()
 def _main(
     data_dir: Annotated[Path | None, typer.Option(
-        "--data-dir", envvar="RETAIN_DATA_DIR", help="Where the embedded store lives.")] = None,
+        "--data-dir", help="Where the embedded store lives (env RETAIN_DATA_DIR).")] = None,
     url: Annotated[str | None, typer.Option(
-        "--url", envvar="RETAIN_URL", help="Query a running worker instead of the local store.")
+        "--url", help="Query a running worker instead of the local store (env RETAIN_URL).")
     ] = None,
     config: Annotated[Path | None, typer.Option(
         "--config", help="A retain.toml file (default ./retain.toml).")] = None,

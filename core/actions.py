@@ -72,6 +72,7 @@ class OpenTicket(_ActionBase):
     queue: str = "customer-care"
 
 
+ActionBase = _ActionBase
 Action: TypeAlias = SendMessage | AwardPoints | OfferDiscount | SendSurvey | OpenTicket
 _adapter: TypeAdapter[Any] = TypeAdapter(
     Annotated[Action, Field(discriminator="kind")]  # type: ignore[arg-type]
@@ -137,6 +138,7 @@ def policy_window(policy: PolicySettings) -> str:
 
 __all__ = [
     "Action",
+    "ActionBase",
     "AwardPoints",
     "OfferDiscount",
     "OpenTicket",

@@ -35,7 +35,7 @@ def parse_duration_ms(value: Any) -> int:
 
 
 def format_duration_ms(ms: int) -> str:
-    for unit in ("w", "d", "h", "m", "s"):
+    for unit in ("d", "h", "m", "s"):
         size = _UNITS_MS[unit]
         if ms and ms % size == 0:
             return f"{ms // size}{unit}"

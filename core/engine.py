@@ -13,11 +13,11 @@ import heapq
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
-from retain.core.actions import Action, action_to_dict, apply_policy, stamp
+from retain.core.actions import Action, ActionBase, action_to_dict, apply_policy, stamp
 from retain.core.config import Settings
 from retain.core.events import AnyEvent, epoch_ms
 from retain.core.manager import PluginHost
@@ -79,8 +79,15 @@ class Engine:
     def start(self) -> None:
         if not self._started:
             self._started = True
-            for plugin, _ in self.host.call_each("retain_startup", {"settings": self.settings}):
-                log.debug("plugin started", plugin=plugin)
+            expected = [i.plugin for i in self.host.implementations("retain_startup")]
+            started = {p for p, _ in self.host.call_each("retain_startup",
+                                                          {"settings": self.settings})}
+            for plugin in expected:
+                if plugin not in started:
+                    # A plugin that cannot start (bad options, missing resource) must not
+                    # run half-configured.
+                    error = self.host.health[plugin].last_error
+                    self.host.disable(plugin, f"retain_startup failed: {error}")
 
     def close(self) -> None:
         if self._started:
@@ -235,7 +242,13 @@ class Engine:
     ) -> None:
         if not actions:
             return
-        for action in actions if isinstance(actions, list | tuple) else [actions]:
+        for proposed in actions if isinstance(actions, list | tuple) else [actions]:
+            if not isinstance(proposed, ActionBase):
+                self.host.record_failure(plugin, "proposing actions", TypeError(
+                    f"returned {type(proposed).__name__}, not an action"))
+                continue
+            # A copy, so a plugin that returns a shared object is not rewritten per customer.
+            action = cast(Action, proposed.model_copy(deep=True))
             stamp(action, customer_id=state.customer_id, strategy=plugin, cause=cause, at_ms=at_ms)
             apply_policy(action, state, self.settings.policy, self._filter)
             self.stats[f"actions_{action.status}"] += 1

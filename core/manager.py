@@ -81,6 +81,8 @@ class PluginHealth:
     slow_calls: int = 0
     total_ms: float = 0.0
     disabled: str | None = None
+    last_error: str | None = None
+    streak_before_call: int = 0
 
 
 @dataclass(slots=True)
@@ -237,6 +239,7 @@ class PluginHost:
                         budget_ms=budget_ms)
         if self.trace:
             log.debug("hook call", plugin=impl.plugin, hook=hook, ms=round(elapsed, 3))
+        health.streak_before_call = health.consecutive_failures
         health.consecutive_failures = 0
         return True, value
 
@@ -244,10 +247,21 @@ class PluginHost:
         health.failures += 1
         health.consecutive_failures += 1
         reason = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
+        health.last_error = reason
         log.error("plugin failed", plugin=plugin, hook=hook, error=reason,
                   consecutive=health.consecutive_failures)
         if health.consecutive_failures >= self.settings.plugins.failure_limit:
             self.disable(plugin, f"{health.consecutive_failures} consecutive failures ({reason})")
+
+    def record_failure(self, plugin: str, hook: str, exc: BaseException) -> None:
+        """Count a failure the engine found in what a plugin returned.
+
+        The call itself succeeded and reset the streak; a bad return value continues the
+        streak from before, so a plugin that always returns junk is still disabled.
+        """
+        health = self.health.setdefault(plugin, PluginHealth())
+        health.consecutive_failures = health.streak_before_call
+        self._failed(plugin, hook, health, exc)
 
     def disable(self, plugin: str, reason: str) -> None:
         health = self.health.setdefault(plugin, PluginHealth())

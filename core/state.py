@@ -28,6 +28,7 @@ from retain.core.events import (
 )
 
 STATE_FORMAT = 1
+OUTREACH_CHANNELS = ("email", "app", "push", "sms", "phone", "post")
 
 
 class Applied(StrEnum):
@@ -202,11 +203,17 @@ class CustomerState:
         chosen = max((c for c in (specific, blanket) if c), key=lambda c: (c[0], c[2]), default=None)
         return bool(chosen and chosen[1])
 
-    def preferred_channel(self, consented_only: bool = True) -> str | None:
-        """The channel the customer uses most, among those they consented to."""
-        ranked = sorted(self.channels.items(), key=lambda kv: (-kv[1], kv[0]))
-        candidates = [c for c, _ in ranked] + ["email", "sms", "push", "app", "phone"]
-        for channel in candidates:
+    def preferred_channel(
+        self, outreach: tuple[str, ...] = OUTREACH_CHANNELS, consented_only: bool = True
+    ) -> str | None:
+        """The outreach channel to use: the customer's most used one, then the usual order.
+
+        Only channels a message can go out on count (a purchase "on web" says nothing
+        about where to write), and by default only those the customer consented to.
+        """
+        used = sorted((c for c in self.channels if c in outreach),
+                      key=lambda c: (-self.channels[c], outreach.index(c)))
+        for channel in [*used, *outreach]:
             if not consented_only or self.has_consent(channel):
                 return channel
         return None

@@ -237,7 +237,7 @@ def test_a_third_party_filter_vetoes_an_action_and_the_reason_is_recorded(
     settings: Settings, event_factory: EventFactory
 ) -> None:
     f = event_factory
-    events = []
+    events: list[AnyEvent] = []
     for customer in ("staff-1", "c1"):
         events += [
             f.consent(customer_id=customer, days=0),
@@ -273,11 +273,6 @@ class BadStart:
         self.calls += 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core: Engine.start counts a retain_startup error as one failure instead of "
-    "disabling the plugin, as the retain_startup hookspec promises",
-)
 def test_a_plugin_whose_startup_raises_is_disabled(settings: Settings) -> None:
     bad = BadStart()
     result = run(settings, bad)
@@ -285,3 +280,52 @@ def test_a_plugin_whose_startup_raises_is_disabled(settings: Settings) -> None:
     assert result.health["BadStart"].disabled is not None
     assert "unknown option" in str(result.health["BadStart"].disabled)
     assert bad.calls == 0
+
+
+class Recorder:
+    @hookimpl
+    def retain_react_to_event(self, event: AnyEvent, ctx: Any) -> None:
+        ctx.state["seen"] = ctx.state.get("seen", 0) + 1
+
+
+def test_a_harness_unregisters_its_inline_plugins(
+    retain_host: Callable[..., PluginHost], event_factory: EventFactory
+) -> None:
+    with Harness(("recorder", Recorder())) as harness:
+        harness.run([event_factory.purchase()])
+        assert harness.plugin_state("c1", "recorder") == {"seen": 1}
+    assert harness.host.plugin_names() == []
+
+    borrowed = retain_host(defaults=True)
+    with Harness(("recorder", Recorder()), host=borrowed):
+        assert "recorder" in borrowed.plugin_names()
+    assert "recorder" not in borrowed.plugin_names()
+    assert "loyalty" in borrowed.plugin_names()  # the host's own plugins stay
+
+
+class KeepsASet:
+    @hookimpl
+    def retain_react_to_event(self, event: AnyEvent, ctx: Any) -> None:
+        ctx.state["seen"] = {event.event_id}
+
+
+def test_plugin_state_that_is_not_json_fails_in_tests(event_factory: EventFactory) -> None:
+    with Harness(KeepsASet(), defaults=False) as harness, pytest.raises(TypeError):
+        harness.run([event_factory.purchase()])
+
+
+class ReturnsJunk:
+    @hookimpl
+    def retain_react_to_event(self, event: AnyEvent) -> list[Any]:
+        return ["not an action"]
+
+
+def test_a_plugin_returning_something_that_is_not_an_action_is_isolated(
+    settings: Settings, event_factory: EventFactory
+) -> None:
+    with Harness(ReturnsJunk(), settings=settings) as harness:
+        result = harness.run([event_factory.consent(days=0), event_factory.purchase(days=1)])
+
+    assert result.health["ReturnsJunk"].failures == 2  # one junk return per event
+    assert result.health["ReturnsJunk"].consecutive_failures == 2
+    assert {a.strategy for a in result.actions} == {"loyalty", "personalisation"}

@@ -1,0 +1,171 @@
+"""Built-in strategy: personalisation.
+
+Two reactions, both addressed by name when the customer's name is known ("Hi Ada",
+otherwise "Hi there") and sent on the customer's preferred consented channel:
+
+* after a purchase with items, a ``follow_up`` message suggesting products related to
+  the customer's category affinity (their top categories), at most once per
+  ``follow_up_interval_days``;
+* on a churn signal (lapse, spend decline, low P(alive), risk), a ``win_back`` message
+  naming their favourite category, at most once per purchase cycle (several signals
+  about the same silence get one message, not one each).
+
+When no channel has consent the message is still proposed on ``email``, so policy
+records the suppression ("no consent for email") instead of the strategy hiding it.
+
+Options (``[plugins.options.personalisation]``), validated at start-up:
+
+- ``follow_up_interval_days`` (7): minimum days between two follow-ups.
+- ``affinity_categories`` (3): how many top categories the suggestions draw on.
+- ``max_suggestions`` (3): related products per message.
+- ``related`` ({}): category -> related products, merged over :data:`RELATED`.
+- ``use_builtin_related`` (true): start from :data:`RELATED`, or from nothing.
+- ``churn_signals`` (lapse, spend_decline, p_alive, risk): kinds that trigger a win-back.
+- ``fallback_channel`` ("email"): where to propose when no channel has consent.
+
+Per-customer state (``ctx.state``): ``last_follow_up_ms`` and ``win_back_cycle`` (the
+purchase day of the cycle that already got a win-back).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from retain import hookimpl
+from retain.core.actions import Action, SendMessage
+from retain.core.config import DAY_MS, Settings
+from retain.core.events import AnyEvent, PurchaseEvent, epoch_ms
+from retain.core.manager import HookContext
+from retain.core.signals import Signal
+from retain.core.state import CustomerState, day_of
+
+PLUGIN = "personalisation"
+
+RELATED: dict[str, list[str]] = {
+    "tea": ["teapots", "honey", "biscuits"],
+    "coffee": ["grinders", "mugs", "filters"],
+    "books": ["bookmarks", "reading lights", "e-readers"],
+    "electronics": ["cables", "chargers", "cases"],
+    "clothing": ["shoes", "accessories", "bags"],
+    "shoes": ["socks", "shoe care", "clothing"],
+    "beauty": ["skincare", "fragrance", "make-up bags"],
+    "toys": ["board games", "puzzles", "books"],
+    "garden": ["tools", "seeds", "planters"],
+    "home": ["lighting", "cushions", "kitchen"],
+    "kitchen": ["cookware", "utensils", "tea"],
+    "sports": ["sportswear", "water bottles", "nutrition"],
+}
+"""Built-in related products per category; ``related`` in the options adds or replaces."""
+
+
+class PersonalisationOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    follow_up_interval_days: int = Field(default=7, ge=0)
+    affinity_categories: int = Field(default=3, ge=1, le=20)
+    max_suggestions: int = Field(default=3, ge=1, le=20)
+    related: dict[str, list[str]] = Field(default_factory=dict)
+    use_builtin_related: bool = True
+    churn_signals: frozenset[str] = frozenset({"lapse", "spend_decline", "p_alive", "risk"})
+    fallback_channel: str = Field(default="email", min_length=1)
+
+    def related_map(self) -> dict[str, list[str]]:
+        base = dict(RELATED) if self.use_builtin_related else {}
+        base.update(self.related)
+        return base
+
+
+def parse_options(raw: dict[str, Any]) -> PersonalisationOptions:
+    """Validate ``ctx.options``; a mistake raises one line naming the option."""
+    try:
+        return PersonalisationOptions.model_validate(raw)
+    except ValidationError as exc:
+        parts = []
+        for err in exc.errors(include_url=False):
+            option = str(err["loc"][0]) if err["loc"] else "options"
+            msg = "unknown option" if err["type"] == "extra_forbidden" else err["msg"]
+            parts.append(f"option {option!r}: {msg.removeprefix('Value error, ')}")
+        raise ValueError(f"{PLUGIN}: " + "; ".join(parts)) from None
+
+
+def greeting(state: CustomerState) -> str:
+    first = state.name.split()[0] if state.name and state.name.strip() else None
+    return f"Hi {first}" if first else "Hi there"
+
+
+def channel_for(state: CustomerState, fallback: str) -> str:
+    return state.preferred_channel() or fallback
+
+
+def suggestions(state: CustomerState, opts: PersonalisationOptions) -> list[str]:
+    """Related products for the top categories, taken in turn from each so every favourite
+    is represented; the categories themselves when none has related products."""
+    top = state.top_categories(opts.affinity_categories)
+    related = opts.related_map()
+    picked: list[str] = []
+    for round_ in itertools.zip_longest(*(related.get(c, []) for c in top)):
+        for product in round_:
+            if product is not None and product not in picked and product not in top:
+                picked.append(product)
+    return (picked or top)[: opts.max_suggestions]
+
+
+@hookimpl
+def retain_startup(settings: Settings, ctx: HookContext) -> None:
+    parse_options(ctx.options)
+
+
+@hookimpl
+def retain_react_to_event(
+    event: AnyEvent, state: CustomerState, ctx: HookContext
+) -> list[Action] | None:
+    if not isinstance(event, PurchaseEvent) or not event.items:
+        return None
+    opts = parse_options(ctx.options)
+    now = epoch_ms(event.occurred_at)
+    last = ctx.state.get("last_follow_up_ms")
+    if last is not None and now - last < opts.follow_up_interval_days * DAY_MS:
+        return None
+    ctx.state["last_follow_up_ms"] = now
+    return [
+        SendMessage(
+            channel=channel_for(state, opts.fallback_channel),
+            template="follow_up",
+            payload={
+                "greeting": greeting(state),
+                "order_id": event.order_id,
+                "categories": state.top_categories(opts.affinity_categories),
+                "related": suggestions(state, opts),
+            },
+        )
+    ]
+
+
+@hookimpl
+def retain_react_to_signal(
+    signal: Signal, state: CustomerState, ctx: HookContext
+) -> list[Action] | None:
+    opts = parse_options(ctx.options)
+    if signal.kind not in opts.churn_signals:
+        return None
+    last_purchase = state.last_purchase_ms
+    cycle = day_of(last_purchase) if last_purchase is not None else -1
+    if ctx.state.get("win_back_cycle") == cycle:
+        return None
+    ctx.state["win_back_cycle"] = cycle
+    favourites = state.top_categories(1)
+    return [
+        SendMessage(
+            channel=channel_for(state, opts.fallback_channel),
+            template="win_back",
+            payload={
+                "greeting": greeting(state),
+                "favourite_category": favourites[0] if favourites else None,
+                "related": suggestions(state, opts),
+                "signal": signal.kind,
+            },
+        )
+    ]

@@ -1,0 +1,161 @@
+"""The CLI as people use it: every query command on demo data, human and JSON output,
+one-line errors with the documented exit codes, and a reference doc that matches --help."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def retain(*args: str, data_dir: Path, stdin: bytes | None = None,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+    full_env = {**os.environ, "RETAIN_DATA_DIR": str(data_dir), "COLUMNS": "160", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "retain.cli", *args], capture_output=True,
+                          env=full_env, input=stdin, timeout=240)
+
+
+def ok_json(*args: str, data_dir: Path) -> Any:
+    result = retain(*args, "--json", data_dir=data_dir)
+    assert result.returncode == 0, result.stderr.decode()
+    return orjson.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data_dir = tmp_path_factory.mktemp("demo") / ".retain"
+    result = retain("demo", "--customers", "300", "--days", "240", data_dir=data_dir)
+    assert result.returncode == 0, result.stderr.decode()
+    text = result.stdout.decode() + result.stderr.decode()
+    for heading in ("Simulated", "Replayed", "retention", "cohorts", "lifecycle",
+                    "customers at risk", "churn signals raised", "actions by strategy"):
+        assert heading in text, heading
+    return data_dir
+
+
+def test_demo_tells_the_whole_story(demo_dir: Path) -> None:
+    status = ok_json("status", data_dir=demo_dir)
+    assert status["customers"] == 300
+    assert status["stats"]["applied"] > 1000
+    assert status["stats"]["signals"] > 0
+    strategies = {a["strategy"] for a in ok_json("actions", "--limit", "100000", data_dir=demo_dir)}
+    assert {"personalisation", "loyalty", "surveys"} <= strategies
+    suppressed = ok_json("actions", "--status", "suppressed", "--limit", "100000", data_dir=demo_dir)
+    reasons = {a["reason"].split(":")[0] for a in suppressed}
+    assert any(r.startswith("no consent") for r in reasons)
+
+
+def test_customer_show_in_both_forms(demo_dir: Path) -> None:
+    top = ok_json("at-risk", "--top", "3", data_dir=demo_dir)
+    assert top and top[0]["risk_score"] >= top[-1]["risk_score"]
+    who = top[0]["customer_id"]
+    data = ok_json("customer", "show", who, data_dir=demo_dir)
+    assert data["customer_id"] == who
+    assert data["risk_score"] == top[0]["risk_score"]
+    for key in ("frequency", "recency", "T", "monetary_value", "windows", "lifecycle", "consent"):
+        assert key in data
+    human = retain("customer", "show", who, data_dir=demo_dir)
+    assert human.returncode == 0 and who in human.stdout.decode()
+
+
+def test_metrics_commands_in_all_formats(demo_dir: Path) -> None:
+    retention = ok_json("metrics", "retention", "--period", "quarter", data_dir=demo_dir)
+    rows = retention["result"]
+    assert rows and all({"S", "E", "N", "crr", "churn"} <= set(r) for r in rows)
+    for row in rows:
+        if row["S"]:
+            assert row["crr"] == pytest.approx((row["E"] - row["N"]) / row["S"] * 100)
+            assert row["churn"] == pytest.approx(100 - row["crr"])
+    for name in ("cohorts", "lifecycle", "nps", "csat", "summary"):
+        assert ok_json("metrics", name, data_dir=demo_dir)["metric"] == name
+        table = retain("metrics", name, data_dir=demo_dir)
+        assert table.returncode == 0 and table.stdout.strip(), name
+    csv_out = retain("metrics", "retention", "--format", "csv", data_dir=demo_dir)
+    assert csv_out.stdout.decode().splitlines()[0].startswith("period,")
+
+
+def test_export_signals_schema_model(demo_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "customers.csv"
+    assert retain("customers", "export", "--out", str(out), data_dir=demo_dir).returncode == 0
+    header = out.read_text().splitlines()[0].split(",")
+    for column in ("customer_id", "frequency", "recency", "T", "monetary_value", "p_alive",
+                   "risk_score", "lifecycle"):
+        assert column in header
+    assert len(out.read_text().splitlines()) == 301
+    signals = ok_json("signals", "--kind", "lapse", "--limit", "5", data_dir=demo_dir)
+    assert signals and all(s["kind"] == "lapse" for s in signals)
+    schema_run = retain("schema", "feedback", data_dir=demo_dir)
+    schema = orjson.loads(schema_run.stdout)
+    assert schema["properties"]["scale"]["enum"] == ["nps", "csat"]
+    fit = ok_json("model", "fit", data_dir=demo_dir)
+    assert {"r", "alpha", "a", "b", "log_likelihood"} <= set(fit["bgnbd"])
+    exported = retain("customers", "export", "--format", "jsonl", data_dir=demo_dir)
+    first = orjson.loads(exported.stdout.splitlines()[0])
+    assert first["p_alive"] is not None or first["frequency"] == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (("customer", "show", "nobody"), "no customer 'nobody'"),
+    (("run", "missing.jsonl"), "no such file"),
+    (("metrics", "retention", "--from", "2024-02-30"), "cannot read the date"),
+    (("metrics", "retention", "--period", "fortnight"), "period"),
+    (("schema", "refund"), "unknown event type"),
+    (("actions", "--status", "maybe"), "--status must be"),
+])
+def test_user_errors_are_one_line_without_traceback(demo_dir: Path, args: tuple[str, ...],
+                                                    message: str) -> None:
+    result = retain(*args, data_dir=demo_dir)
+    stderr = result.stderr.decode()
+    assert result.returncode == 1, stderr
+    assert message in stderr
+    assert "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1
+
+
+def test_usage_errors_exit_2_and_empty_store_is_explained(tmp_path: Path) -> None:
+    assert retain("run", data_dir=tmp_path).returncode == 2
+    assert retain("nonsense", data_dir=tmp_path).returncode == 2
+    empty = retain("metrics", "retention", data_dir=tmp_path / "none")
+    assert empty.returncode == 1 and "retain demo" in empty.stderr.decode()
+    debug = retain("--debug", "customer", "show", "x", data_dir=tmp_path / "none")
+    assert "Traceback" in debug.stderr.decode()
+
+
+def test_stdin_and_strict(tmp_path: Path) -> None:
+    line = (b'{"type":"purchase","event_id":"p1","customer_id":"c","order_id":"o",'
+            b'"occurred_at":"2024-01-01T00:00:00Z","amount":"5"}\n')
+    result = retain("run", "-", "--json", data_dir=tmp_path, stdin=line + b"not json\n")
+    assert result.returncode == 0
+    assert orjson.loads(result.stdout)["rejected"] == 1
+    strict = retain("run", "-", "--strict", data_dir=tmp_path / "s", stdin=b"not json\n")
+    assert strict.returncode == 1 and "-:1: invalid JSON" in strict.stderr.decode()
+
+
+def test_config_show_names_the_source_and_bad_values(tmp_path: Path) -> None:
+    rows = ok_json("config", "show", data_dir=tmp_path)
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["state.lateness"]["value"] == "7d"
+    assert by_name["data_dir"]["source"].startswith("env")
+    (tmp_path / "retain.toml").write_text("[state]\nactivity_window_days = 30\n")
+    env = {"RETAIN_CONFIG": str(tmp_path / "retain.toml"), "RETAIN_POLICY__FREQUENCY_CAP": "2"}
+    result = retain("config", "show", "--json", data_dir=tmp_path, env=env)
+    by_name = {r["name"]: r for r in orjson.loads(result.stdout)}
+    assert by_name["state.activity_window_days"]["value"] == 30
+    assert by_name["state.activity_window_days"]["source"].startswith("file")
+    assert by_name["policy.frequency_cap"]["source"] == "env RETAIN_POLICY__FREQUENCY_CAP"
+    bad = retain("status", data_dir=tmp_path, env={"RETAIN_STATE__LATENESS": "soon"})
+    assert bad.returncode == 1 and "state.lateness" in bad.stderr.decode()
+
+
+def test_cli_reference_matches_the_help() -> None:
+    generated = subprocess.run([sys.executable, str(ROOT / "tools" / "cli_docs.py")],
+                               capture_output=True, check=True).stdout.decode()
+    assert (ROOT / "docs" / "cli.md").read_text() == generated, (
+        "docs/cli.md is stale: run python tools/cli_docs.py > docs/cli.md")
