@@ -248,7 +248,7 @@ class Engine:
                     f"returned {type(proposed).__name__}, not an action"))
                 continue
             # A copy, so a plugin that returns a shared object is not rewritten per customer.
-            action = cast(Action, proposed.model_copy(deep=True))
+            action = cast(Action, proposed.model_copy())
             stamp(action, customer_id=state.customer_id, strategy=plugin, cause=cause, at_ms=at_ms)
             apply_policy(action, state, self.settings.policy, self._filter)
             self.stats[f"actions_{action.status}"] += 1

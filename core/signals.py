@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from retain.core.config import DAY_MS, SignalSettings
@@ -37,7 +37,9 @@ class Signal:
     detector: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"signal_id": self.signal_id, "customer_id": self.customer_id, "kind": self.kind,
+                "score": self.score, "at_ms": self.at_ms, "anchor": self.anchor,
+                "evidence": self.evidence, "detector": self.detector}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Signal:

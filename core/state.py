@@ -73,13 +73,15 @@ class CustomerState:
     outreach: list[list[Any]] = field(default_factory=list)  # [ts_ms, action_id] within cap
     last_actions: dict[str, list[Any]] = field(default_factory=dict)  # strategy -> [ts, id, kind]
     due_ms: int | None = None  # next time a clock-driven detector must look again
+    # Derived purchase figures, computed once per change of `days` (never stored).
+    _memo: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     # -- serialisation ---------------------------------------------------------------
     def to_json(self) -> bytes:
         return orjson.dumps(self.to_dict(), option=orjson.OPT_NON_STR_KEYS)
 
     def to_dict(self) -> dict[str, Any]:
-        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "_memo"}
         data["v"] = STATE_FORMAT
         return data
 
@@ -103,25 +105,43 @@ class CustomerState:
         return data
 
     # -- derived views (never stored, so they cannot drift) -----------------------
+    def _purchase_summary(self) -> dict[str, Any]:
+        memo = self._memo
+        if not memo:
+            days = sorted(self.days)
+            records = self.days.values()
+            memo["days"] = days
+            memo["orders"] = sum(rec[ORDERS] for rec in records)
+            memo["spend"] = sum(rec[AMOUNT] for rec in records)
+            memo["first"] = min((r[FIRST_TS] for r in records), default=None)
+            memo["last"] = max((r[LAST_TS] for r in records), default=None)
+            memo["interval"] = (
+                float(median(b - a for a, b in zip(days, days[1:], strict=False)))
+                if len(days) > 1 else None
+            )
+        return memo
+
     @property
     def purchase_days(self) -> list[int]:
-        return sorted(self.days)
+        return list(self._purchase_summary()["days"])
 
     @property
     def orders(self) -> int:
-        return sum(rec[ORDERS] for rec in self.days.values())
+        return int(self._purchase_summary()["orders"])
 
     @property
     def spend_milli(self) -> int:
-        return sum(rec[AMOUNT] for rec in self.days.values())
+        return int(self._purchase_summary()["spend"])
 
     @property
     def first_purchase_ms(self) -> int | None:
-        return min((r[FIRST_TS] for r in self.days.values()), default=None)
+        first: int | None = self._purchase_summary()["first"]
+        return first
 
     @property
     def last_purchase_ms(self) -> int | None:
-        return max((r[LAST_TS] for r in self.days.values()), default=None)
+        last: int | None = self._purchase_summary()["last"]
+        return last
 
     def window(self, as_of_ms: int, days: int) -> tuple[int, int]:
         """(orders, amount_milli) with purchase day in (as_of_day - days, as_of_day]."""
@@ -136,14 +156,12 @@ class CustomerState:
 
     def typical_interval_days(self) -> float | None:
         """Median gap between purchase days; None for one-time buyers."""
-        days = self.purchase_days
-        if len(days) < 2:
-            return None
-        return float(median(b - a for a, b in zip(days, days[1:], strict=False)))
+        interval: float | None = self._purchase_summary()["interval"]
+        return interval
 
     def rfm(self, as_of_ms: int) -> tuple[int, int, int, float]:
         """(frequency, recency, T, monetary) in days as the BG/NBD and Gamma-Gamma use them."""
-        days = self.purchase_days
+        days = self._purchase_summary()["days"]
         if not days:
             return 0, 0, 0, 0.0
         frequency = len(days) - 1
@@ -267,6 +285,7 @@ def apply(state: CustomerState, event: AnyEvent, lateness_ms: int) -> Applied:
 
 
 def _apply_purchase(state: CustomerState, event: PurchaseEvent, ts: int) -> None:
+    state._memo.clear()
     day = day_of(ts)
     amount = to_milli(event.amount)
     rec = state.days.get(day)

@@ -328,7 +328,8 @@ class SqliteStore:
         self._signals.clear()
         self._actions.clear()
         self._meta.clear()
-        self._fresh = False
+        # A store that was empty when opened holds only customers this process put, all
+        # still in the cache, so a cache miss still means "new customer": no SELECT needed.
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self.db)
