@@ -56,8 +56,14 @@ class StateSettings(_Section):
         default=7 * DAY_MS,
         description="Events older than this behind the customer's latest event are set aside.",
     )
-    activity_window_days: int = Field(default=90, ge=1, le=3650)
-    rolling_windows_days: list[int] = Field(default=[30, 90, 365], min_length=1)
+    activity_window_days: int = Field(
+        default=90, ge=1, le=3650,
+        description="Active = a purchase within this many days (and no account cancellation).",
+    )
+    rolling_windows_days: list[int] = Field(
+        default=[30, 90, 365], min_length=1,
+        description="Rolling windows shown for orders and spend in customer show.",
+    )
     active_includes_subscriptions: bool = Field(
         default=False, description="Also count an open subscription as active (PRODUCT.md)."
     )
@@ -65,48 +71,76 @@ class StateSettings(_Section):
 
 class SignalSettings(_Section):
     lapse_factor: float = Field(default=3.0, gt=0, description="k in k x own purchase interval.")
-    lapse_min_days: int = Field(default=14, ge=1)
+    lapse_min_days: int = Field(default=14, ge=1, description="Never call a lapse sooner.")
     lapse_horizon_days: int = Field(default=60, ge=1, description="Lapse for one-time buyers.")
-    spend_decline_window_days: int = Field(default=90, ge=7)
-    spend_decline_ratio: float = Field(default=0.5, gt=0, lt=1)
-    spend_decline_min_spend: float = Field(default=50.0, ge=0)
-    p_alive_threshold: float = Field(default=0.3, gt=0, lt=1)
-    risk_threshold: int = Field(default=70, ge=1, le=100)
+    spend_decline_window_days: int = Field(
+        default=90, ge=7, description="Spend decline compares this window with the one before."
+    )
+    spend_decline_ratio: float = Field(
+        default=0.5, gt=0, lt=1, description="Decline = recent spend below this share of before."
+    )
+    spend_decline_min_spend: float = Field(
+        default=50.0, ge=0, description="Ignore declines from a previous window below this."
+    )
+    p_alive_threshold: float = Field(
+        default=0.3, gt=0, lt=1, description="Signal when BG/NBD P(alive) drops below this."
+    )
+    risk_threshold: int = Field(
+        default=70, ge=1, le=100, description="Signal when the composite risk reaches this."
+    )
 
 
 class PolicySettings(_Section):
     frequency_cap: int = Field(default=3, ge=0, description="Messages per customer per window.")
-    frequency_window: DurationMs = 7 * DAY_MS
-    require_consent: bool = True
+    frequency_window: DurationMs = Field(
+        default=7 * DAY_MS, description="The window the frequency cap counts messages in."
+    )
+    require_consent: bool = Field(
+        default=True, description="Outreach only on channels the customer explicitly granted."
+    )
 
 
 class PluginSettings(_Section):
     failure_limit: int = Field(default=5, ge=1, description="Consecutive failures to disable.")
-    time_budget_ms: int = Field(default=200, ge=1)
+    time_budget_ms: int = Field(
+        default=200, ge=1, description="A hook call slower than this is flagged (async: cancelled)."
+    )
     options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="Per-plugin settings, by plugin name."
     )
 
 
 class KafkaSettings(_Section):
-    bootstrap_servers: str = "127.0.0.1:9092"
-    app_id: str = "retain"
-    events_topic: str = "retain-events"
-    dead_letter_topic: str = "retain-dead-letters"
-    late_topic: str = "retain-late-events"
-    signals_topic: str = "retain-signals"
-    actions_topic: str = "retain-actions"
-    partitions: int = Field(default=4, ge=1)
-    store: str = "rocksdb://"
-    security_protocol: str = "PLAINTEXT"
-    sasl_mechanism: str | None = None
+    bootstrap_servers: str = Field(default="127.0.0.1:9092", description="Kafka brokers.")
+    app_id: str = Field(default="retain", description="Faust app id: consumer group and tables.")
+    events_topic: str = Field(default="retain-events", description="Input events, keyed by customer.")
+    dead_letter_topic: str = Field(
+        default="retain-dead-letters", description="Undecodable or invalid input, with the reason."
+    )
+    late_topic: str = Field(default="retain-late-events", description="Events beyond the lateness.")
+    signals_topic: str = Field(default="retain-signals", description="Churn signals raised.")
+    actions_topic: str = Field(
+        default="retain-actions", description="Emitted actions, keyed by idempotency key."
+    )
+    partitions: int = Field(default=4, ge=1, description="Partitions of the events topic.")
+    store: str = Field(
+        default="rocksdb://", description="Table store: rocksdb:// on workers, memory:// for tests."
+    )
+    security_protocol: str = Field(
+        default="PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."
+    )
+    sasl_mechanism: str | None = Field(default=None, description="PLAIN, SCRAM-SHA-256, ...")
     sasl_username: str | None = None
     sasl_password: str | None = None
-    ssl_cafile: Path | None = None
-    web_host: str = "127.0.0.1"
-    web_port: int = Field(default=6066, ge=1, le=65535)
-    web_token: str | None = None
-    tick_interval_s: float = Field(default=10.0, gt=0)
+    ssl_cafile: Path | None = Field(default=None, description="CA bundle for TLS.")
+    web_host: str = Field(default="127.0.0.1", description="Where the worker's HTTP views bind.")
+    web_port: int = Field(default=6066, ge=1, le=65535, description="The worker's HTTP port.")
+    web_token: str | None = Field(
+        default=None, description="If set, HTTP views require 'Authorization: Bearer TOKEN'."
+    )
+    tick_interval_s: float = Field(
+        default=10.0, gt=0, description="How often a worker lets event time pass (lapses)."
+    )
 
 
 class Settings(BaseSettings):
@@ -117,7 +151,10 @@ class Settings(BaseSettings):
     )
 
     data_dir: Path = Field(default=Path(".retain"), description="Where the embedded store lives.")
-    batch_size: int = Field(default=5000, ge=1, le=1_000_000)
+    batch_size: int = Field(
+        default=5000, ge=1, le=1_000_000,
+        description="Embedded runs commit state and input position every this many lines.",
+    )
     actions_file: Path | None = Field(
         default=None, description="JSONL file for emitted actions (default: DATA_DIR/actions.jsonl)"
     )

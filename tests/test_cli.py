@@ -159,3 +159,10 @@ def test_cli_reference_matches_the_help() -> None:
                                capture_output=True, check=True).stdout.decode()
     assert (ROOT / "docs" / "cli.md").read_text() == generated, (
         "docs/cli.md is stale: run python tools/cli_docs.py > docs/cli.md")
+
+
+def test_configuration_reference_matches_the_settings_model() -> None:
+    generated = subprocess.run([sys.executable, str(ROOT / "tools" / "config_docs.py")],
+                               capture_output=True, check=True).stdout.decode()
+    assert (ROOT / "docs" / "configuration.md").read_text() == generated, (
+        "docs/configuration.md is stale: run python tools/config_docs.py > docs/configuration.md")
