@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from retain import __version__
+from retain import __version__, cli_kafka, report
 
 app = typer.Typer(
     name="retain",
@@ -636,7 +636,7 @@ def at_risk(
     as_of: AsOfOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Who is at risk of churning, highest composite risk first, with the evidence."""
+    """Active customers most at risk of churning, highest composite risk first, with evidence."""
     rows = query().at_risk(top=top, as_of_ms=parse_when(as_of, end_of_day=True))
     if json_out:
         emit_json(rows)
@@ -797,6 +797,10 @@ def config_show(json_out: JsonOpt = False) -> None:
     else:
         out.print(table("configuration", ["setting", "value", "source"],
                         [(r["name"], r["value"], r["source"]) for r in rows]))
+
+
+report.register(app)
+cli_kafka.register(app)
 
 
 # -- entry point ------------------------------------------------------------------------

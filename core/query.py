@@ -248,14 +248,14 @@ def rank_at_risk(
     """The ``top`` customers by composite risk at ``as_of`` (ties: most valuable first)."""
     import heapq
 
-    window = settings.state.activity_window_days * 4
+    window = settings.state.activity_window_days
+    subscriptions = settings.state.active_includes_subscriptions
     scored: list[tuple[int, int, str, CustomerState, dict[str, float]]] = []
     for state in states:
-        last = state.last_purchase_before(as_of_ms)
-        if last is None or as_of_ms - last > window * DAY_MS:
-            continue  # long gone or never bought: not "at risk" any more, just lost
-        if state.account_cancelled_between(last, as_of_ms):
-            continue  # closed their account: churned, a win-back case rather than a risk
+        if not state.is_active(as_of_ms, window, subscriptions):
+            # Lapsed or closed their account: already churned by the retention definition,
+            # a win-back case rather than a risk that can still be prevented.
+            continue
         score, parts = risk_score(state, as_of_ms, settings.signals, model)
         if score < min_score:
             continue
