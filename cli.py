@@ -803,6 +803,58 @@ report.register(app)
 cli_kafka.register(app)
 
 
+def register_plugin_commands(target: typer.Typer, host: Any) -> list[str]:
+    """Add the commands plugins register through ``retain_register_commands``.
+
+    A name that clashes with a built-in command or another plugin's is refused with one
+    line naming both, and the rest of the CLI still works. Returns the names added.
+    """
+    from typer.main import get_command
+
+    from retain.core.manager import RegistrationError
+
+    try:
+        registry = host.collect("retain_register_commands", "command", lambda name: name)
+    except RegistrationError as exc:
+        err.print(f"[red]plugin command ignored:[/] {exc}")
+        return []
+    builtin = set(getattr(get_command(target), "commands", {}))
+    added = []
+    for name, entry in registry.items.items():
+        if name in builtin:
+            err.print(f"[red]plugin command ignored:[/] {name!r} from plugin "
+                      f"{registry.providers[name]!r} clashes with the built-in command")
+            continue
+        handler, extra, kw = entry if isinstance(entry, tuple) else (None, (), {})
+        obj = extra[0] if extra else kw.get("app")
+        help_text = kw.get("help")
+        if isinstance(obj, typer.Typer):
+            target.add_typer(obj, name=name, help=help_text)
+        elif callable(obj):
+            target.command(name, help=help_text)(obj)
+        else:
+            continue
+        added.append(name)
+    return added
+
+
+def _load_plugin_commands() -> None:
+    """Only third-party plugins can add commands, so only they are loaded at start-up."""
+    from importlib.metadata import entry_points
+
+    if not entry_points(group="retain"):
+        return
+    from retain.core.config import Settings
+    from retain.core.manager import PluginHost
+
+    try:
+        host = PluginHost(Settings(), defaults=False)
+    except Exception as exc:  # a broken plugin must not take the whole CLI down
+        err.print(f"[red]plugins not loaded:[/] {exc}")
+        return
+    register_plugin_commands(app, host)
+
+
 # -- entry point ------------------------------------------------------------------------
 def _user_error_types() -> tuple[type[BaseException], ...]:
     from retain.core.events import EventError
@@ -827,6 +879,7 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 def main() -> None:
+    _load_plugin_commands()
     try:
         result = app(standalone_mode=False)
     except typer.Abort:

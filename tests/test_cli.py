@@ -166,3 +166,31 @@ def test_configuration_reference_matches_the_settings_model() -> None:
                                capture_output=True, check=True).stdout.decode()
     assert (ROOT / "docs" / "configuration.md").read_text() == generated, (
         "docs/configuration.md is stale: run python tools/config_docs.py > docs/configuration.md")
+
+
+def test_plugins_add_commands_and_clashes_are_refused_by_name() -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from retain import hookimpl
+    from retain.cli import register_plugin_commands
+    from retain.core.config import Settings
+    from retain.core.manager import PluginHost
+
+    class Hello:
+        @hookimpl
+        def retain_register_commands(self, register: Any) -> None:
+            def hello(name: str = "world") -> None:
+                print(f"hello {name}")
+
+            register("hello", hello, help="Say hello.")
+            register("run", hello, help="Tries to replace a built-in.")
+
+    target = typer.Typer()
+    target.command("run")(lambda: None)
+    target.command("status")(lambda: None)
+    host = PluginHost(Settings(sinks=[]), defaults=False, entry_points=False,
+                      plugins=[("hello-plugin", Hello())])
+    assert register_plugin_commands(target, host) == ["hello"]
+    result = CliRunner().invoke(target, ["hello", "--name", "Ada"])
+    assert result.output.strip() == "hello Ada"
