@@ -256,6 +256,9 @@ class Engine:
                 log.info("action suppressed", customer_id=state.customer_id, plugin=plugin,
                          kind=action.kind, reason=action.reason)
             outcome.actions.append(action)
+            if self.host.implementations("retain_observe_action"):
+                self.host.call_each("retain_observe_action", {"action": action, "state": state},
+                                    state, at_ms)
 
     def _filter(self, action: Action, state: CustomerState) -> str | None:
         veto = self.host.call_first(

@@ -170,4 +170,20 @@ def retain_filter_action(action: Action, state: CustomerState, ctx: HookContext)
     """
 
 
+@hookspec
+def retain_observe_action(action: Action, state: CustomerState, ctx: HookContext) -> None:
+    """Observe every proposed action once policy has decided: ``action.status`` is
+    ``emitted`` or ``suppressed`` (then ``action.reason`` says why).
+
+    Lets a strategy keep its per-customer state honest, e.g. count only discounts that
+    were really offered. Observation only; called for every plugin's actions.
+
+    :param action: the stamped action with its final status.
+    :param state: the customer's state.
+    :param ctx: the plugin's context (``ctx.state`` is this plugin's slice).
+
+    .. versionadded:: 0.1
+    """
+
+
 HOOK_NAMES: tuple[str, ...] = tuple(n for n in dir() if n.startswith("retain_"))

@@ -329,3 +329,21 @@ def test_a_plugin_returning_something_that_is_not_an_action_is_isolated(
     assert result.health["ReturnsJunk"].failures == 2  # one junk return per event
     assert result.health["ReturnsJunk"].consecutive_failures == 2
     assert {a.strategy for a in result.actions} == {"loyalty", "personalisation"}
+
+
+class Watcher:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, str | None]] = []
+
+    @hookimpl
+    def retain_observe_action(self, action: Any) -> None:
+        self.seen.append((action.strategy, action.status, action.reason))
+
+
+def test_observers_learn_the_fate_of_every_action(event_factory: EventFactory) -> None:
+    watcher = Watcher()
+    with Harness(("watcher", watcher)) as harness:
+        result = harness.run([event_factory.purchase(days=1), event_factory.consent(days=2),
+                              event_factory.purchase(days=3)])
+    assert watcher.seen == [(a.strategy, a.status, a.reason) for a in result.actions]
+    assert {"emitted", "suppressed"} <= {status for _, status, _ in watcher.seen}
