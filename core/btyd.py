@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from scipy import integrate, optimize, special
+from scipy import special
 
 __all__ = [
     "MIN_CUSTOMERS",
@@ -393,6 +393,8 @@ def _minimise(objective: Objective, theta0: FloatArray) -> tuple[FloatArray, boo
     """
     bounds = [(-_LOG_BOUND, _LOG_BOUND)] * theta0.size
     options = {"maxiter": 2000, "ftol": 1e-13, "gtol": 1e-9}
+    from scipy import optimize  # fitting only: keeps queries' start-up light
+
     res = optimize.minimize(
         objective, theta0, jac=True, method="L-BFGS-B", bounds=bounds, options=options
     )
@@ -636,6 +638,8 @@ def _remaining_by_quadrature(
     mode = (a - 1.0) / (a + b_post - 2.0) if a > 1 and b_post > 1 else 0.5
     knee = 1.0 / (1.0 + shape * scale)
     points = sorted({min(max(v, 1e-12), 1 - 1e-12) for v in (mode, knee)})
+    from scipy import integrate  # the rare numerical fallback only
+
     value, _ = integrate.quad(integrand, 0.0, 1.0, points=points, limit=500)
     return float(value)
 
