@@ -440,8 +440,11 @@ def customer_forget(
     if cfg.url:
         from retain.streams.client import HttpQuery
 
-        HttpQuery(cfg.url, token=cfg.kafka.web_token).forget(customer_id)
-        err.print(f"erasure of {customer_id} requested on the cluster")
+        result = HttpQuery(cfg.url, token=cfg.kafka.web_token).forget(customer_id)
+        if result.get("erased"):
+            err.print(f"forgot {customer_id}: state, signals and actions erased on the cluster")
+        else:
+            err.print(f"erasure of {customer_id} queued on partition {result.get('partition')}")
         return
     if not yes and sys.stdin.isatty() and not typer.confirm(f"Erase {customer_id}?"):
         raise typer.Exit(1)

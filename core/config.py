@@ -135,6 +135,10 @@ class KafkaSettings(_Section):
     ssl_cafile: Path | None = Field(default=None, description="CA bundle for TLS.")
     web_host: str = Field(default="127.0.0.1", description="Where the worker's HTTP views bind.")
     web_port: int = Field(default=6066, ge=1, le=65535, description="The worker's HTTP port.")
+    web_advertised_url: str | None = Field(
+        default=None,
+        description="The URL other workers use to reach this one (default http://web_host:web_port).",
+    )
     web_token: str | None = Field(
         default=None, description="If set, HTTP views require 'Authorization: Bearer TOKEN'."
     )

@@ -114,10 +114,11 @@ class Engine:
                 return Outcome("erased", customer_id)
             state = CustomerState(customer_id)
         outcome = Outcome(Applied.APPLIED, customer_id)
-        final = ts - self.lateness_ms
+        final = max(ts, self.clock_ms) - self.lateness_ms
         if state.due_ms is not None and state.due_ms <= final:
-            # The customer's own event proves their due moment is final: nothing earlier
-            # than a lateness before it can still be accepted for them.
+            # Wake the customer at every moment that is already final before their event
+            # counts, exactly as a sweep would have: then what is raised does not depend
+            # on how often the host calls advance() (batch size, timers, partitions).
             self._wake(state, final, outcome)
         status = apply(state, event, self.lateness_ms)
         self.stats[status.value] += 1

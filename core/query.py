@@ -143,7 +143,7 @@ class LocalQuery:
 
     def metric(self, name: str, **params: Any) -> dict[str, Any]:
         as_of = self._as_of(params.pop("as_of_ms", None))
-        params = _metric_params(name, params, as_of, self.settings)
+        params = metric_params(name, params, as_of, self.settings)
         acc = metrics.new_accumulator(name, **params).add_all(self.store.states())
         return {"metric": name, "as_of": iso(as_of), "params": acc.params(),
                 "result": acc.result()}
@@ -167,7 +167,7 @@ def _with_time(row: dict[str, Any]) -> dict[str, Any]:
     return {**row, "at": iso(row.get("at_ms"))}
 
 
-def _metric_params(name: str, params: dict[str, Any], as_of: int,
+def metric_params(name: str, params: dict[str, Any], as_of: int,
                    settings: Settings) -> dict[str, Any]:
     """Fill the defaults a person would expect: the last year up to as_of, by month."""
     params = {k: v for k, v in params.items() if v is not None}

@@ -21,9 +21,11 @@ was put in:
 
 Nothing here builds pydantic models: events are plain dicts shaped like the wire format
 (:mod:`retain.core.events`), generated lazily in event-time order by merging per-customer
-schedules in one heap, so a million events stream in seconds with memory proportional to
-the number of customers. The same seed and parameters always give byte-identical output
-(``random.Random`` and numpy generators seeded from a hash of the seed, never the clock).
+schedules in a calendar queue, so a million events stream in seconds with memory bounded by
+the customers active at once. Treat the dicts as read-only: nested order lines and metadata
+are shared between events (building them per order was a noticeable share of the time).
+The same seed and parameters always give byte-identical output (``random.Random`` and numpy
+generators seeded from a hash of the seed, never the clock).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ import heapq
 import itertools
 import math
 import random
-from bisect import bisect_right
+from array import array
+from bisect import bisect_right, insort
 from collections.abc import Iterable, Iterator, Mapping
 from copy import deepcopy
 from dataclasses import dataclass, field
@@ -138,22 +141,36 @@ _CATALOGUE_ROWS = tuple(
     for category, skus in CATALOGUE.items()
 )
 
-# Zipf-like popularity of the SKUs inside a category: a few best sellers, a long tail.
-_PICK_BITS = 12
+_PICK_BITS = 12  # order-line picks per category: 4096 equally likely table entries
 _PICK_SIZE = 1 << _PICK_BITS
+_AFFINITY_BITS = 6  # a customer's category affinity: 64 equally likely slots
+_AFFINITY_SLOTS = 1 << _AFFINITY_BITS
 
 
-def _pick_tables() -> tuple[tuple[tuple[str, str, int, int, str], ...], ...]:
-    """Per category, 4096 equally likely (sku, category, quantity, cost, unit price) picks.
+_Pick = tuple[str, int, int, dict[str, Any]]
 
-    The SKU popularity times the quantity distribution, quantised once, so drawing an order
-    line in the hot loop is one uniform number and one index instead of two searches.
+
+def _pick_tables() -> tuple[tuple[_Pick, ...], ...]:
+    """Per category, 4096 equally likely (sku, quantity, cost, order line) picks.
+
+    The SKU popularity (Zipf-like: a few best sellers, a long tail) times the quantity
+    distribution, quantised once, so drawing an order line in the hot loop is one random
+    integer and one index instead of two searches. The order-line dicts are built once and
+    shared by every event that contains them, which is why events are read-only.
     """
     quantities = ((1, 0.85), (2, 0.105), (3, 0.045))
     tables = []
     for rows in _CATALOGUE_ROWS:
-        outcomes = [
-            ((sku, category, q, q * cents, text), weight * share)
+        outcomes: list[tuple[_Pick, float]] = [
+            (
+                (
+                    sku,
+                    q,
+                    q * cents,
+                    {"sku": sku, "category": category, "quantity": q, "unit_price": text},
+                ),
+                weight * share,
+            )
             for (sku, category, cents, text), weight in zip(
                 rows, [1.0 / (j + 1) ** 0.9 for j in range(len(rows))], strict=True
             )
@@ -218,6 +235,9 @@ _CHANNEL_HOURS = {"web": _HOURS_ONLINE, "app": _HOURS_ONLINE, "store": _HOURS_ST
                   "phone": _HOURS_PHONE}  # fmt: skip
 _CHANNEL_BASE = (0.45, 0.25, 0.22, 0.08)
 _STORES = tuple(f"S{n:02d}" for n in range(1, 13))
+# Shared, like the order lines: events are read-only.
+_STORE_METADATA = {store: {"store": store} for store in _STORES}
+_PLATFORM_METADATA = {platform: {"platform": platform} for platform in ("ios", "android")}
 
 
 def _weighted(pairs: tuple[tuple[str, float], ...]) -> tuple[tuple[str, ...], list[float]]:
@@ -272,10 +292,6 @@ def _derive(seed: int, label: str) -> int:
     return int.from_bytes(digest[:8], "big")
 
 
-def _cents(value: int) -> str:
-    return f"{value // 100}.{value % 100:02d}"
-
-
 def _offset_suffix(offset: int) -> str:
     if offset == 0:
         return "+00:00"
@@ -291,9 +307,9 @@ class _Customer:
     """Everything the generator remembers about one customer (slots: there may be 10^6)."""
 
     __slots__ = (
-        "idx", "cid", "name", "off", "render_off", "suffix", "lam", "p", "log_spend",
-        "cat_cum", "chan_cum", "store", "platform", "proc_t", "purchases",
-        "alive", "closed", "sub_id", "sub_state", "sub_sku", "sub_price", "sub_category",
+        "idx", "cid", "name", "off", "render_off", "suffix", "p", "categories",
+        "store", "platform", "plan", "dies", "purchases", "alive", "closed",
+        "sub_id", "sub_state", "sub_sku", "sub_price", "sub_category",
     )  # fmt: skip
 
     def __init__(
@@ -303,13 +319,12 @@ class _Customer:
         name: str | None,
         off: int,
         render_off: int,
-        lam: float,
         p: float,
-        log_spend: float,
-        cat_cum: tuple[float, ...],
-        chan_cum: list[float],
+        categories: bytes,
         store: str,
         platform: str,
+        plan: list[tuple[int, str, float]],
+        dies: bool,
     ) -> None:
         self.idx = idx
         self.cid = cid
@@ -317,14 +332,12 @@ class _Customer:
         self.off = off  # UTC offset of the customer's time zone, seconds
         self.render_off = render_off  # the offset occurred_at is written in
         self.suffix = _SUFFIXES[render_off]
-        self.lam = lam  # purchase rate per second
         self.p = p  # drop-out probability after a repeat purchase
-        self.log_spend = log_spend  # log of the typical basket value in USD
-        self.cat_cum = cat_cum  # cumulative category affinity
-        self.chan_cum = chan_cum  # cumulative channel preference
+        self.categories = categories  # 64 equally likely category indexes: the affinity
         self.store = store
         self.platform = platform
-        self.proc_t = 0.0  # time of the latest purchase of the Poisson process (unrounded)
+        self.plan = plan  # upcoming (time, channel, basket target) of orders, next one last
+        self.dies = dies  # drops out after the last planned order (within the period)
         self.purchases = 0
         self.alive = True
         self.closed = False
@@ -339,22 +352,16 @@ _HeapEntry = tuple[int, int, int, Any, Any]
 _BLOCK = 2048
 _MINUTES_SECONDS = tuple(f"{m:02d}:{s:02d}" for m in range(60) for s in range(60))
 _CHANNEL_BASE_CUM = list(accumulate(_CHANNEL_BASE))
-# Channel preference: the favourite channel gets three quarters of the weight on top.
-_CHANNEL_PREFERENCES = tuple(
-    list(accumulate(0.25 * base + (0.75 if i == favourite else 0.0)
-                    for i, base in enumerate(_CHANNEL_BASE)))
-    for favourite in range(len(_CHANNEL_BASE))
-)  # fmt: skip
 
 
 class _World:
-    """One simulated population; :meth:`events` yields ``(t, event)`` in event-time order.
+    """One simulated population; :meth:`events` yields its events in event-time order.
 
-    The heap holds *pending actions* (a customer's next purchase, a subscription renewal, an
-    already-built future event), never whole timelines, so memory stays proportional to the
-    customers alive at once. Events of one action share its timestamp, and every action only
-    schedules later ones, which is what keeps the merged output sorted. ``t`` is whole
-    seconds since ``start``.
+    The queue holds *pending actions* (a customer's next order, a subscription renewal, an
+    already-built future event): one or a few per active customer, so memory follows the
+    customers active at once, not the length of the run. Events of one action share its
+    timestamp, and every action only schedules later ones, which is what keeps the merged
+    output sorted. Times ``t`` are whole seconds since ``start``.
     """
 
     def __init__(
@@ -377,19 +384,21 @@ class _World:
         self.bits = self.rng.getrandbits
         self.amounts: dict[int, str] = {}
         self.np_rng = np.random.default_rng(_derive(seed, "customers"))
-        # Calendar queue: one bucket of pending actions per hour (wider for very long runs);
-        # only the current bucket is a heap. Scheduling is an O(1) append and each pop is on
-        # a heap of one hour's actions instead of every pending action of the whole run.
+        # Calendar queue: one bucket of pending actions per hour (wider for very long runs).
+        # Scheduling is an O(1) append; a bucket is sorted once when its hour comes, and the
+        # few actions scheduled into the current hour are inserted in order behind ``pos``.
         self.width = max(3600, -(-self.horizon // 100_000))
         self.buckets: list[list[_HeapEntry]] = [[] for _ in range(self.horizon // self.width + 1)]
         self.bucket = 0
         self.current: list[_HeapEntry] = self.buckets[0]
+        self.pos = 0  # index of the next action in ``current``
         self.now = 0
         self.seq = itertools.count()
         self.out: list[dict[str, Any]] = []
         self.order_numbers = itertools.count()
         self.subscriptions = 0
-        self.advocates: list[str] = []
+        # Flat arrays rather than lists: the garbage collector never has to walk them.
+        self.advocates = array("l")  # indexes of customers with a repeat order (referrers)
         self.hours: dict[int, str] = {}
         width = max(5, len(str(max(customers - 1, 0))))
         self.id_format = f"c{{:0{width}d}}"
@@ -399,14 +408,14 @@ class _World:
         self.normals: list[float] = []
 
     # -- set-up ------------------------------------------------------------------------------
-    def _acquisitions(self) -> tuple[list[int], list[int]]:
+    def _acquisitions(self) -> tuple[array[int], array[int]]:
         """Sorted acquisition times: a launch cohort, then a declining stream of newcomers.
 
         Vectorised with numpy because it is the only per-customer work done up front.
         """
         n = self.customers
         if n == 0:
-            return [], []
+            return array("q"), array("q")
         g = np.random.default_rng(_derive(self.seed, "acquisition"))
         launch = g.random(n) < 0.2
         frac = np.where(launch, g.random(n) * 0.05, g.beta(1.0, 1.4, n))
@@ -423,24 +432,35 @@ class _World:
         t = np.where(t > last, t - _DAY, t)
         t = np.clip(t, 0, last)
         order = np.argsort(t, kind="stable")
-        return t[order].tolist(), offsets[order].tolist()
+        return array("q", t[order].tolist()), array("q", offsets[order].tolist())
 
     def _draw_block(self) -> None:
-        """Per-customer traits for the next customers, drawn in one vectorised batch.
+        """Traits and whole purchase schedules of the next customers, in one numpy batch.
 
-        Gamma, Beta and Dirichlet draws are the costly part of a new customer; numpy makes
-        them nearly free, and blocks keep memory flat however many customers there are.
+        Why vectorised: numpy draws the whole buy-till-you-die process of 2048 customers in a
+        few calls, leaving Python per order only the event itself. Given the acquisition time
+        ``t0`` and what is left of the period ``R``, the repeat orders of a Poisson(lambda)
+        buyer are
+        ``N ~ Poisson(lambda R)`` uniform times in (t0, t0 + R); dropping out after each
+        repeat order with probability ``p`` means only the first ``G ~ Geometric(p)`` of them
+        happen. Each order then moves to a typical hour of its channel on the same local day.
+        Blocks keep memory flat however many customers there are.
         """
-        g, world = self.np_rng, self.world
-        n = min(_BLOCK, self.customers - self.drawn)
+        g, world, start = self.np_rng, self.world, self.drawn
+        n = min(_BLOCK, self.customers - start)
         self.drawn += n
-        lam = np.maximum(g.gamma(world.r, 1.0 / world.alpha, n), 1e-6) / _DAY
-        p = g.beta(world.a, world.b, n)
+        horizon = self.horizon
+        lam = np.maximum(g.gamma(world.r, 1.0 / world.alpha, n), 1e-9) / _DAY  # per second
+        p = np.clip(g.beta(world.a, world.b, n), 1e-9, 1.0)
         log_spend = math.log(world.mean_order_value) + g.normal(0.0, 0.55, n)
         # Dirichlet category affinity around the overall popularity: most customers have one
         # or two favourite categories, which the personalisation plugin should discover.
+        # Quantised to 64 equally likely slots (a bytes object): one index per order line.
         cat_w = g.gamma(2.4 * np.array(_CATEGORY_POPULARITY), 1.0, (n, len(CATEGORIES)))
         cat_cum = np.cumsum(cat_w + 1e-9, axis=1)
+        cat_cum /= cat_cum[:, -1:]
+        slots = (np.arange(_AFFINITY_SLOTS) + 0.5) / _AFFINITY_SLOTS
+        affinity = (cat_cum[:, None, :] <= slots[None, :, None]).sum(axis=2).astype(np.uint8)
         favourite = np.minimum(
             np.searchsorted(np.array(_CHANNEL_BASE_CUM), g.random(n), side="right"), 3
         )
@@ -449,41 +469,107 @@ class _World:
         last = g.integers(0, len(_LAST_NAMES), n)
         store = g.integers(0, len(_STORES), n)
         ios = g.random(n) < 0.55
+
+        # The first order, a few minutes after sign-up, then the repeat orders.
+        offsets = np.frombuffer(self.offsets, dtype=np.int64)[start : start + n]
+        arrivals = np.frombuffer(self.arrivals, dtype=np.int64)[start : start + n]
+        t0 = arrivals + g.integers(30, 600, n)
+        remaining = (horizon - t0).astype(np.float64)
+        count = g.poisson(lam * remaining)
+        survive = g.geometric(p)
+        kept = np.minimum(count, survive)
+        dies = survive <= count
+        owner = np.repeat(np.arange(n), count)
+        u = g.random(owner.size)
+        u = u[np.argsort(owner + u, kind="stable")]  # sorted within each customer
+        rank = np.arange(owner.size) - np.repeat(np.cumsum(count) - count, count)
+        keep = rank < kept[owner]
+        owner, u = owner[keep], u[keep]
+        process = t0[owner] + np.floor(u * remaining[owner]).astype(np.int64)
+        # Channel of every order (incl. the first): the favourite or one by overall share.
+        total = owner.size + n
+        who = np.concatenate([np.arange(n), owner])
+        channel = np.where(
+            g.random(total) < 0.75,
+            favourite[who],
+            np.minimum(
+                np.searchsorted(np.array(_CHANNEL_BASE_CUM), g.random(total), side="right"), 3
+            ),
+        )
+        repeat_channel = channel[n:]
+        # Basket value targets: lognormal around the customer's typical basket, in cents.
+        targets = np.exp(log_spend[who] + 0.45 * g.standard_normal(total)) * 100.0
+        hour = np.zeros(owner.size, dtype=np.int64)
+        draws = g.random(owner.size)
+        for code, name in enumerate(CHANNELS):
+            cum, weight = _CHANNEL_HOURS[name]
+            mask = repeat_channel == code
+            hour[mask] = np.searchsorted(np.array(cum), draws[mask] * weight, side="right")
+        local = self.epoch0 + process + offsets[owner]
+        placed = (
+            local - local % _DAY + hour * 3600 + g.integers(0, 3600, owner.size)
+            - offsets[owner] - self.epoch0
+        )  # fmt: skip
+        valid = (placed > t0[owner]) & (placed < horizon)
+        placed = np.where(valid, placed, np.maximum(process, t0[owner] + 1))
+        order = np.lexsort((-placed, owner))  # per customer, latest first (plans pop())
+        entries = list(
+            zip(
+                placed[order].tolist(),
+                [CHANNELS[code] for code in repeat_channel[order].tolist()],
+                targets[n:][order].tolist(),
+                strict=True,
+            )
+        )
+        ends = np.cumsum(kept).tolist()
+        plans = [entries[end - k : end] for end, k in zip(ends, kept.tolist(), strict=True)]
+        firsts = list(
+            zip(
+                t0.tolist(),
+                [CHANNELS[code] for code in channel[:n].tolist()],
+                targets[:n].tolist(),
+                strict=True,
+            )
+        )
         self.block = list(
             zip(
-                lam.tolist(), p.tolist(), log_spend.tolist(), map(tuple, cat_cum.tolist()),
+                p.tolist(), [row.tobytes() for row in affinity],
                 favourite.tolist(), named.tolist(), first.tolist(), last.tolist(),
-                store.tolist(), ios.tolist(), strict=True,
+                store.tolist(), ios.tolist(), firsts, plans, dies.tolist(),
+                strict=True,
             )
         )  # fmt: skip
         self.block.reverse()
 
-    def _customer(self, idx: int) -> _Customer:
+    def _customer(self, idx: int) -> tuple[_Customer, tuple[int, str, float]]:
+        """The next customer, with the (time, channel, basket target) of their first order."""
         if not self.block:
             self._draw_block()
-        lam, p, log_spend, cat_cum, favourite, named, first, last, store, ios = self.block.pop()
+        p, categories, favourite, named, first, last, store, ios, first_order, plan, dies = (
+            self.block.pop()
+        )
         off = self.offsets[idx]
-        return _Customer(
+        customer = _Customer(
             idx,
             self.id_format.format(idx),
             f"{_FIRST_NAMES[first]} {_LAST_NAMES[last]}" if named else None,
             off,
             off if self.local_time else 0,
-            lam,
             p,
-            log_spend,
-            cat_cum,
-            _CHANNEL_PREFERENCES[favourite],
+            categories,
             _STORES[store],
             "ios" if ios else "android",
+            plan,
+            dies,
         )
+        return customer, first_order
 
     # -- helpers -----------------------------------------------------------------------------
     def _at(self, t: int, kind: int, cust: Any, payload: Any) -> None:
         if t < self.horizon:
             bucket = t // self.width
             if bucket == self.bucket:
-                heapq.heappush(self.current, (t, next(self.seq), kind, cust, payload))
+                insort(self.current, (t, next(self.seq), kind, cust, payload), self.pos)
             else:
                 self.buckets[bucket].append((t, next(self.seq), kind, cust, payload))
 
@@ -500,8 +586,12 @@ class _World:
         self.hours[hour] = prefix
         return prefix
 
-    def _refill_normals(self) -> None:
-        self.normals.extend(self.np_rng.standard_normal(4096).tolist())
+    def _normal(self) -> float:
+        """A standard normal deviate from a numpy-filled pool (``random.gauss`` is Python)."""
+        normals = self.normals
+        if not normals:
+            normals.extend(self.np_rng.standard_normal(4096).tolist())
+        return normals.pop()
 
     def _in_day(self, t: float, c: _Customer, channel: str) -> int:
         """A time on the customer's local day containing ``t``, at an hour typical of channel."""
@@ -510,10 +600,6 @@ class _World:
         cum, total = _CHANNEL_HOURS[channel]
         hour = bisect_right(cum, rnd() * total)
         return local - local % _DAY + hour * 3600 + int(rnd() * 3600) - c.off - self.epoch0
-
-    def _channel(self, c: _Customer) -> str:
-        cum = c.chan_cum
-        return CHANNELS[bisect_right(cum, self.rnd() * cum[-1])]
 
     def _pick(self, table: tuple[tuple[str, ...], list[float]]) -> str:
         names, cum = table
@@ -597,20 +683,19 @@ class _World:
 
     def _nps(self, c: _Customer, shift: float = 0.0) -> int:
         """Satisfaction falls with the drop-out propensity: detractors are the churners."""
-        raw = 10.6 - 13.0 * c.p + shift + self.rng.gauss(0.0, 1.5)
+        raw = 10.6 - 13.0 * c.p + shift + 1.5 * self._normal()
         return 0 if raw < 0 else 10 if raw > 10 else round(raw)
 
     def _csat(self, c: _Customer) -> int:
-        raw = 4.8 - 4.0 * c.p + self.rng.gauss(0.0, 0.7)
+        raw = 4.8 - 4.0 * c.p + 0.7 * self._normal()
         return 1 if raw < 1 else 5 if raw > 5 else round(raw)
 
     # -- actions -----------------------------------------------------------------------------
     def _arrive(self, t: int, idx: int) -> None:
         """Sign-up: consents now or later, the first order a few minutes after."""
         rnd, out, consent = self.rnd, self.out, self._consent
-        c = self._customer(idx)
-        cum = c.chan_cum
-        channel = CHANNELS[bisect_right(cum, rnd() * cum[-1])]
+        c, first_order = self._customer(idx)
+        channel = first_order[1]
         signup = channel if channel != "phone" else "web"
         stamp = self._stamp(t, c)
         email = rnd() < 0.82
@@ -625,8 +710,7 @@ class _World:
         revoke_all = rnd() < 0.01
         if later_grant or revoke_email or revoke_all:
             self._later_consents(t, c, later_grant, revoke_email, revoke_all)
-        c.proc_t = float(t)
-        self._at(t + 30 + self.bits(22) % 570, _PURCHASE, c, channel)
+        self._at(first_order[0], _PURCHASE, c, first_order)
         if idx + 1 < self.customers:
             self._at(self.arrivals[idx + 1], _ARRIVE, None, idx + 1)
 
@@ -645,53 +729,44 @@ class _World:
             when = t + _DAY + int(expo(1.0 / (200 * _DAY)))
             self._at(when, _EMIT, c, consent(c, stamp(when, c), "web", "all", "revoked"))
 
-    def _purchase(self, t: int, c: _Customer, channel: str) -> None:
-        """One order, its follow-ups, the drop-out coin and the next order.
+    def _purchase(self, t: int, c: _Customer, order: tuple[int, str, float]) -> dict[str, Any]:
+        """One order, its follow-ups, and scheduling the customer's next planned order.
 
-        This is most of the output, so it is written for speed: helpers are inlined, normal
-        deviates come from a numpy-filled pool, integers from ``getrandbits`` (``int()`` on a
-        float is comparatively slow) and the exponential gap is drawn by hand.
+        This is most of the output, so it is written for speed: helpers are inlined, the
+        timing and basket target come precomputed from the block (:meth:`_draw_block`), and
+        integers come from ``getrandbits`` (``int()`` on a float is comparatively slow).
         """
         rnd = self.rnd
         bits = self.bits
-        normals = self.normals
-        if not normals:
-            self._refill_normals()
         first = not c.purchases
-        # Fill the basket from favourite categories until it reaches a lognormal target;
+        # Fill the basket from favourite categories until it reaches its (lognormal) target;
         # an item that would overshoot a non-empty basket by a lot is left on the shelf.
-        target = math.exp(c.log_spend + 0.45 * normals.pop()) * 100.0
+        _, channel, target = order
         ceiling = target * 1.25
-        cat_cum = c.cat_cum
-        cat_total = cat_cum[-1]
+        categories = c.categories
         items: list[dict[str, Any]] = []
         total = 0
         top = -1
         for _ in range(8):
-            category = bisect_right(cat_cum, rnd() * cat_total)
-            sku, name, quantity, cost, unit_price = _PICKS[category][bits(_PICK_BITS)]
+            category = categories[bits(_AFFINITY_BITS)]
+            sku, quantity, cost, line = _PICKS[category][bits(_PICK_BITS)]
             if total:
                 if total + cost > ceiling:
                     break
-                for line in items:
-                    if line["sku"] == sku:
-                        line["quantity"] += quantity
+                for i, other in enumerate(items):
+                    if other["sku"] == sku:  # the same product again: one line, more of it
+                        items[i] = {**other, "quantity": other["quantity"] + quantity}
                         break
                 else:
-                    items.append(
-                        {"sku": sku, "category": name, "quantity": quantity,
-                         "unit_price": unit_price}
-                    )  # fmt: skip
+                    items.append(line)
             else:
                 top = category
-                items.append(
-                    {"sku": sku, "category": name, "quantity": quantity, "unit_price": unit_price}
-                )
+                items.append(line)
             total += cost
             if total >= target:
                 break
-        order_id = f"o{next(self.order_numbers)}"
         hour, rest = divmod(self.epoch0 + t + c.render_off, 3600)
+        order_id = f"o{next(self.order_numbers)}"
         ev: dict[str, Any] = {
             "event_id": None,
             "type": "purchase",
@@ -700,28 +775,25 @@ class _World:
             + _MINUTES_SECONDS[rest]
             + c.suffix,
             "channel": channel,
+            "order_id": order_id,
+            "amount": self.amounts.get(total) or self._amount(total),
+            "currency": CURRENCY,
+            "items": items,
+            "schema_version": 1,
         }
         if c.name is not None and (first or rnd() < 0.3):
             ev["customer_name"] = c.name
-        ev["order_id"] = order_id
-        ev["amount"] = self.amounts.get(total) or self._amount(total)
-        ev["currency"] = CURRENCY
-        ev["items"] = items
         if first and c.idx and rnd() < 0.12:
             pool = self.advocates
-            if pool:
-                ev["referred_by"] = pool[bits(30) % len(pool)]
-            else:
-                ev["referred_by"] = self.id_format.format(bits(30) % c.idx)
+            referrer = pool[bits(30) % len(pool)] if pool else bits(30) % c.idx
+            ev["referred_by"] = self.id_format.format(referrer)
         if channel == "store":
-            ev["metadata"] = {"store": c.store}
+            ev["metadata"] = _STORE_METADATA[c.store]
         elif channel == "app":
-            ev["metadata"] = {"platform": c.platform}
-        ev["schema_version"] = 1
-        self.out.append(ev)
+            ev["metadata"] = _PLATFORM_METADATA[c.platform]
         c.purchases += 1
         if c.purchases == 2:
-            self.advocates.append(c.cid)  # engaged customers are the ones who refer others
+            self.advocates.append(c.idx)  # engaged customers are the ones who refer others
 
         # Follow-ups of this order: sometimes cancelled, else sometimes an NPS survey answer.
         u = rnd()
@@ -743,38 +815,22 @@ class _World:
         if not c.sub_state and rnd() < (0.10 if first else 0.015):
             self._start_subscription(t, c)
 
-        # Buy till you die: after a repeat purchase the customer may leave for good.
-        if not first and rnd() < c.p:
+        # The next planned order; after the last one a customer who drops out in the period
+        # is gone (buy till you die), sometimes closing the account on the way out.
+        plan = c.plan
+        if plan:
+            following = plan.pop()
+            nxt = following[0]
+            bucket = nxt // self.width
+            if bucket == self.bucket:
+                insort(self.current, (nxt, next(self.seq), _PURCHASE, c, following), self.pos)
+            else:
+                self.buckets[bucket].append((nxt, next(self.seq), _PURCHASE, c, following))
+        elif c.dies:
             c.alive = False
             if rnd() < 0.04 + 0.3 * c.p:
                 self._at(t + int((7 + rnd() * 83) * _DAY), _CLOSE, c, None)
-            return
-        # Next order of the Poisson process (exponential gap), placed at a typical hour of the
-        # chosen channel on that local day.
-        proc_t = c.proc_t = c.proc_t - math.log(1.0 - rnd()) / c.lam
-        horizon = self.horizon
-        if proc_t >= horizon:
-            return
-        cum = c.chan_cum
-        nxt_channel = CHANNELS[bisect_right(cum, rnd() * cum[-1])]
-        hours_cum, hours_total = _CHANNEL_HOURS[nxt_channel]
-        local = self.epoch0 + int(proc_t) + c.off
-        nxt = (
-            local
-            - local % _DAY
-            + bisect_right(hours_cum, rnd() * hours_total) * 3600
-            + bits(22) % 3600
-            - c.off
-            - self.epoch0
-        )
-        if nxt <= t:
-            nxt = t + 60 + bits(22) % 3600
-        if nxt < horizon:
-            bucket = nxt // self.width
-            if bucket == self.bucket:
-                heapq.heappush(self.current, (nxt, next(self.seq), _PURCHASE, c, nxt_channel))
-            else:
-                self.buckets[bucket].append((nxt, next(self.seq), _PURCHASE, c, nxt_channel))
+        return ev
 
     def _amount(self, cents: int) -> str:
         text = self.amounts[cents] = f"{cents // 100}.{cents % 100:02d}"
@@ -796,12 +852,8 @@ class _World:
 
     def _start_subscription(self, t: int, c: _Customer) -> None:
         """A monthly box in the customer's favourite subscribable category."""
-        cum = c.cat_cum
-        eligible = [
-            (cum[i] - (cum[i - 1] if i else 0.0), cat)
-            for i, cat in enumerate(CATEGORIES)
-            if cat in _SUBSCRIPTIONS
-        ]
+        share = c.categories.count
+        eligible = [(share(i), cat) for i, cat in enumerate(CATEGORIES) if cat in _SUBSCRIPTIONS]
         category = max(eligible)[1]
         c.sub_category = category
         c.sub_sku, c.sub_price = _SUBSCRIPTIONS[category]
@@ -814,7 +866,7 @@ class _World:
         """Start (n == 0) or monthly renewal; decides whether the next renewal will happen."""
         if c.sub_state != _SUB_ACTIVE or c.closed:
             return
-        price = _cents(c.sub_price)
+        price = self.amounts.get(c.sub_price) or self._amount(c.sub_price)
         self.out.append(
             {
                 "event_id": None,
@@ -867,28 +919,39 @@ class _World:
     def events(self) -> Iterator[dict[str, Any]]:
         """Run the world; :attr:`now` holds the event time of the event just yielded."""
         out, buckets = self.out, self.buckets
-        pop, heapify = heapq.heappop, heapq.heapify
         prefix = f"e{self.seed}-"
         n = 0
         if self.customers:
             self._at(self.arrivals[0], _ARRIVE, None, 0)
         last_bucket = len(buckets) - 1
         current = self.current
+        current.sort()
+        pos = 0
         while True:
-            if not current:
+            if pos == len(current):
                 bucket = self.bucket
-                while bucket < last_bucket and not buckets[bucket]:
+                buckets[bucket] = []  # let the finished hour's actions go
+                while True:
                     bucket += 1
+                    if bucket > last_bucket:
+                        return
+                    if buckets[bucket]:
+                        break
                 current = buckets[bucket]
-                if not current:
-                    return
-                buckets[bucket] = []
-                heapify(current)
+                current.sort()
+                pos = 0
                 self.bucket, self.current = bucket, current
-            t, _, kind, c, payload = pop(current)
+            t, _, kind, c, payload = current[pos]
+            pos += 1
+            self.pos = pos
             if kind == _PURCHASE:
-                self._purchase(t, c, payload)
-            elif kind == _EMIT:
+                ev = self._purchase(t, c, payload)
+                ev["event_id"] = prefix + str(n)
+                n += 1
+                self.now = t
+                yield ev
+                continue
+            if kind == _EMIT:
                 if c.closed:
                     continue
                 payload["event_id"] = prefix + str(n)

@@ -181,3 +181,15 @@ def test_two_writers_cannot_share_a_store(tmp_path: Path) -> None:
             SqliteStore(tmp_path / "retain.db")
     finally:
         first.close()
+
+
+def test_how_often_the_clock_advances_does_not_change_the_result(tmp_path: Path) -> None:
+    # Batch size decides how often the host calls Engine.advance(); a customer's own event
+    # must wake every already-final moment first, so signals cannot depend on it.
+    events = tmp_path / "events.jsonl"
+    with events.open("wb") as fp:
+        # Seed and disorder chosen because, without the wake-up rule, they differ.
+        sim.write_jsonl(sim.simulate(300, 200, 0, disorder_hours=48, duplicate_rate=0.05), fp)
+    run_file(tmp_path / "every-line", events, batch=1)
+    run_file(tmp_path / "batched", events, batch=5000)
+    assert snapshot(tmp_path / "every-line") == snapshot(tmp_path / "batched")

@@ -145,3 +145,20 @@ def test_spend_decline_compares_rolling_windows() -> None:
     assert decline, signals
     assert decline[0].evidence["previous_spend"] > decline[0].evidence["recent_spend"]
     assert decline[0].at_ms <= epoch_ms(START) + 220 * DAY_MS
+
+
+def test_a_moment_made_final_by_other_traffic_is_honoured_before_the_customers_event() -> None:
+    # "late" buys on days 0 and 10: lapse due on day 40. Other traffic takes the clock to
+    # day 47.5, so day 40 is final. Then late's own purchase for day 41 arrives (not late
+    # for them). Whether or not the host called advance() in between, the lapse stands.
+    def run(advance_in_between: bool) -> list[str]:
+        engine = make_engine()
+        engine.process(purchase("late", 0, "l1"))
+        engine.process(purchase("late", 10, "l2"))
+        engine.process(purchase("other", 47.5, "o1"))
+        raised = kinds(engine.advance()) if advance_in_between else []
+        raised += kinds([engine.process(purchase("late", 41, "l3"))])
+        return raised
+
+    assert "lapse" in run(advance_in_between=True)
+    assert run(advance_in_between=False) == run(advance_in_between=True)

@@ -1,0 +1,481 @@
+"""The agent: Kafka messages in, the unchanged core Engine in the middle, topics out.
+
+One Engine per assigned partition, each with its own event-time clock and a
+:class:`~retain.streams.tables.TableStore` over that partition's slice of the tables.
+For every message of the events topic, in partition order:
+
+1. decode it with :func:`retain.core.events.decode_event`; anything that is not an event
+   goes to the dead-letter topic with its original bytes and the reason in the headers;
+2. control records are not customer events: ``{"type": "tick", "occurred_at": ...}``
+   advances the clock of the partition it is sent to; ``{"type": "forget",
+   "customer_id": ...}`` erases a customer;
+3. an event (or forget) whose key is not its customer id is re-sent keyed by the
+   customer id, so a customer's events and state always share one partition;
+4. otherwise the Engine processes it (unless the customer's stored state already includes
+   this offset: a redelivery after a crash) and the clock advances; a late event goes to
+   the late topic.
+
+Messages are processed in small batches: acknowledged to Faust by hand (the stream is
+``noack``) only once :func:`~retain.streams.tables.save` has made the batch durable --
+signals and emitted actions (keyed by their ids) before the customers' state, the state
+before the partition's "done up to here" offset. A crash or a stop at any point can
+repeat outputs (same keys: consumers de-duplicate) but never lose them, and a redelivered
+message never changes state twice. An unexpected error while processing one message is
+logged with its traceback and dead-lettered; the stream goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import structlog
+
+from retain.core.actions import action_to_dict
+from retain.core.config import Settings
+from retain.core.engine import Engine, Outcome
+from retain.core.events import AnyEvent, EventError, decode_event, epoch_ms
+from retain.core.manager import PluginHost
+from retain.streams.tables import Record, Tables, TableStore, deliver, save
+
+log = structlog.get_logger("retain.streams")
+
+WALL_CLOCK_ENV = "RETAIN_WALL_CLOCK"
+"""Set to 1 to also advance every partition's clock from the wall clock (live traffic
+only: a replay of history would then find its events late)."""
+
+MAX_REASON = 1000
+
+WATERMARK_HEADER = "retain-watermark"
+"""Optional message header: the latest event time (epoch ms, ASCII) its producer had sent
+before this message. ``retain produce`` sets it; the partition's clock catches up to it
+before the message is processed, so every partition sees time pass as the producer's
+whole stream does (as ``retain run`` sees it), not only as far as its own events go."""
+
+
+def wall_clock_enabled() -> bool:
+    return os.environ.get(WALL_CLOCK_ENV, "").lower() in {"1", "true", "yes"}
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The events topic (a Faust topic the agent reads) and the names of the others."""
+
+    events: Any
+    dead_letter: str
+    late: str
+    signals: str
+    actions: str
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Forget:
+    customer_id: str
+
+
+def classify(raw: bytes | None) -> AnyEvent | Tick | Forget:
+    """A customer event or a control record; :class:`EventError` for anything else."""
+    if raw is None:
+        raise EventError("null message value")
+    if b'"tick"' in raw or b'"forget"' in raw:
+        control = _control(raw)
+        if control is not None:
+            return control
+    return decode_event(raw)
+
+
+def _control(raw: bytes) -> Tick | Forget | None:
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(data, dict) or data.get("type") not in ("tick", "forget"):
+        return None
+    if data["type"] == "forget":
+        customer_id = data.get("customer_id")
+        if not isinstance(customer_id, str) or not customer_id:
+            raise EventError("forget: customer_id must be a non-empty string")
+        return Forget(customer_id)
+    try:
+        moment = datetime.fromisoformat(str(data.get("occurred_at")))
+    except ValueError:
+        raise EventError("tick: occurred_at must be an ISO-8601 time with an offset") from None
+    if moment.tzinfo is None:
+        raise EventError("tick: occurred_at must have a UTC offset")
+    return Tick(epoch_ms(moment))
+
+
+def tick_record(at: datetime) -> bytes:
+    """The value of a tick control record (``retain produce --tick`` and the wall clock)."""
+    return orjson.dumps({"type": "tick", "occurred_at": at.astimezone(UTC).isoformat()})
+
+
+def _headers(message: Any) -> list[tuple[str, bytes]]:
+    headers = message.headers or []
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    return [(str(k), bytes(v)) for k, v in items]
+
+
+def _watermark(message: Any) -> int | None:
+    for name, value in _headers(message):
+        if name == WATERMARK_HEADER:
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+class Partition:
+    """One assigned partition: its store and its Engine (with its own clock)."""
+
+    def __init__(self, partition: int, tables: Tables, settings: Settings,
+                 host: PluginHost) -> None:
+        self.partition = partition
+        self.store = TableStore(tables, partition)
+        self.engine = Engine(settings, self.store, host, model=None, sinks=[])
+
+
+class Runtime:
+    """Everything the agent, the timers and the web views of one worker share."""
+
+    def __init__(self, app: Any, settings: Settings, tables: Tables, topics: Topics,
+                 host: PluginHost | None = None) -> None:
+        self.app = app
+        self.settings = settings
+        self.tables = tables
+        self.topics = topics
+        self.host = host or PluginHost(settings)
+        self.partitions: dict[int, Partition] = {}
+        self.started_at = time.time()
+        self.counts: dict[str, int] = {"messages": 0, "redelivered": 0, "batches": 0}
+        self.lock = asyncio.Lock()
+        self.ack: Callable[[Any], Awaitable[Any]] | None = None
+        self._plugins_started = False
+        self._new_batch()
+
+    def _new_batch(self) -> None:
+        self._events: list[Any] = []  # to acknowledge once saved
+        self._stores: dict[int, TableStore] = {}
+        self._messages: dict[int, list[Any]] = {}  # processed, per partition, in order
+        self._outputs: dict[int, list[Record]] = {}
+        self._failed: dict[int, dict[int, str]] = {}  # partition -> offset -> reason
+        self._started = 0.0
+        self.last_added = 0.0
+
+    # -- partitions ------------------------------------------------------------------------
+    def partition(self, p: int) -> Partition:
+        part = self.partitions.get(p)
+        if part is None:
+            part = self.partitions[p] = Partition(p, self.tables, self.settings, self.host)
+        return part
+
+    def reset(self) -> None:
+        """Forget every Engine: after a rebalance another worker may have moved them on."""
+        self.partitions.clear()
+
+    def assigned(self) -> set[int]:
+        topic = self.settings.kafka.events_topic
+        try:
+            actives = self.app.assignor.assigned_actives()
+        except Exception:
+            return set()
+        return {tp.partition for tp in actives if tp.topic == topic}
+
+    def query_store(self) -> TableStore:
+        """A read-only Store over every partition this worker owns (for queries)."""
+        return TableStore(self.tables, None, self.assigned)
+
+    # -- the batch -----------------------------------------------------------------------
+    @property
+    def pending(self) -> int:
+        return len(self._events)
+
+    @property
+    def batch_age(self) -> float:
+        return time.monotonic() - self._started if self._events else 0.0
+
+    def add(self, event: Any) -> None:
+        """Process one message of the events topic into the batch; never raises."""
+        if not self._plugins_started:
+            self._plugins_started = True
+            self.host.call_each("retain_startup", {"settings": self.settings})
+        now = time.monotonic()
+        if not self._events:
+            self._started = now
+        self.last_added = now
+        self._events.append(event)
+        message = event.message
+        p = message.partition
+        part = self._batch_partition(p)
+        if part.store.meta_offset() >= message.offset:
+            self.counts["redelivered"] += 1
+            return  # already processed completely before a restart
+        self._messages.setdefault(p, []).append(message)
+        try:
+            self._outputs.setdefault(p, []).extend(self._process(part, message))
+            part.store.at(message.offset)
+        except Exception as exc:
+            self._processing_failed(p, message, exc)
+
+    def _batch_partition(self, p: int) -> Partition:
+        part = self.partition(p)
+        if self._stores.get(p) is not part.store:
+            part.store.begin()
+            self._stores[p] = part.store
+        return part
+
+    def _processing_failed(self, p: int, failed: Any, exc: Exception) -> None:
+        """Dead-letter the message, and redo the partition's batch without its effects.
+
+        The Engine may be half-way through the failed message (state, timers, clock), so
+        the partition starts again from its stored state: a fresh Engine replays the
+        batch's earlier messages, which gives the same results, and skips the failed ones.
+        """
+        while True:
+            reason = f"processing error: {type(exc).__name__}: {exc}"
+            log.error("processing failed", partition=p, offset=failed.offset, error=repr(exc),
+                      exc_info=exc)
+            self._failed.setdefault(p, {})[failed.offset] = reason
+            self.partitions.pop(p, None)
+            part = self._batch_partition(p)
+            outputs: list[Record] = []
+            try:
+                for message in self._messages[p]:
+                    failed = message
+                    reason = self._failed[p].get(message.offset, "")
+                    if reason:
+                        part.store.add_stats(message.offset,
+                                             {"rejected": 1, "processing_errors": 1})
+                        outputs.append(self._aside(self.topics.dead_letter, message, reason))
+                    else:
+                        outputs.extend(self._process(part, message))
+                    part.store.at(message.offset)
+            except Exception as again:
+                exc = again
+                continue
+            self._outputs[p] = outputs
+            return
+
+    async def flush(self) -> None:
+        """Make the batch durable, then acknowledge its messages to Faust."""
+        if not self._events:
+            return
+        stores = list(self._stores.values())
+        outputs = [r for p in sorted(self._outputs) for r in self._outputs[p]]
+        events = self._events
+        await save(self.app.producer, stores, outputs)
+        self._new_batch()
+        self.counts["messages"] += len(events)
+        self.counts["batches"] += 1
+        if self.ack is not None:
+            for event in events:
+                await self.ack(event)
+
+    # -- one message --------------------------------------------------------------------
+    def _process(self, part: Partition, message: Any) -> list[Record]:
+        store, engine = part.store, part.engine
+        try:
+            item = classify(message.value)
+        except EventError as exc:
+            store.add_stats(message.offset, {"rejected": 1})
+            return [self._aside(self.topics.dead_letter, message, exc.reason)]
+        if isinstance(item, Tick):
+            store.add_stats(message.offset, {"ticks": 1})
+            return self._outputs_of(store, message.offset, engine.advance(item.at_ms))
+        key = item.customer_id.encode()
+        if message.key != key:
+            store.add_stats(message.offset, {"rekeyed": 1})
+            return [Record(self.settings.kafka.events_topic, key, message.value,
+                           headers=_headers(message))]
+        if isinstance(item, Forget):
+            if engine.forget(item.customer_id):
+                store.add_stats(message.offset, {"forgotten": 1})
+            return []
+        event = item
+        outputs: list[Record] = []
+        watermark = _watermark(message)
+        if watermark is not None:
+            outputs += self._outputs_of(store, message.offset, engine.advance(watermark))
+        if store.customer_offset(event.customer_id) >= message.offset:
+            # Redelivered after a crash and already in this customer's state: only let
+            # the clock catch up, as the first delivery did.
+            outcomes = engine.advance(epoch_ms(event.occurred_at))
+        else:
+            outcome = engine.process(event)
+            if outcome.status == "late":
+                hours = self.settings.state.lateness // 3_600_000
+                outputs.append(self._aside(
+                    self.topics.late, message,
+                    f"late: older than the allowed lateness ({hours}h) behind this "
+                    "customer's latest event"))
+            outcomes = [outcome, *engine.advance()]
+        return outputs + self._outputs_of(store, message.offset, outcomes)
+
+    def _outputs_of(self, store: TableStore, offset: int,
+                    outcomes: list[Outcome]) -> list[Record]:
+        counts = {"applied": 0, "duplicate": 0, "late": 0, "erased": 0, "signals": 0,
+                  "actions_emitted": 0, "actions_suppressed": 0}
+        records = []
+        for outcome in outcomes:
+            status = str(outcome.status)
+            if status in counts:
+                counts[status] += 1
+            for signal in outcome.signals:
+                counts["signals"] += 1
+                by_kind = f"signals.{signal.kind}"
+                counts[by_kind] = counts.get(by_kind, 0) + 1
+                records.append(Record(self.topics.signals, signal.signal_id.encode(),
+                                      orjson.dumps(signal.to_dict())))
+            for action in outcome.actions:
+                if action.status == "emitted":
+                    counts["actions_emitted"] += 1
+                    records.append(Record(self.topics.actions, action.action_id.encode(),
+                                          orjson.dumps(action_to_dict(action))))
+                else:
+                    counts["actions_suppressed"] += 1
+        store.add_stats(offset, counts)
+        return records
+
+    def _aside(self, topic: str, message: Any, reason: str) -> Record:
+        """The original message, set aside with the reason and where it came from."""
+        headers = [
+            ("reason", reason[:MAX_REASON].encode()),
+            ("source_topic", str(message.topic).encode()),
+            ("source_partition", str(message.partition).encode()),
+            ("source_offset", str(message.offset).encode()),
+        ]
+        return Record(topic, message.key, message.value, headers=headers, truncatable=True)
+
+
+    # -- the wall clock ------------------------------------------------------------------
+    async def wall_clock_tick(self) -> None:
+        """Send a tick with the current time to every partition this worker owns."""
+        value = tick_record(datetime.now(UTC))
+        await deliver(self.app.producer,
+                      [Record(self.settings.kafka.events_topic, None, value, partition=p)
+                       for p in sorted(self.assigned())])
+
+    # -- health --------------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        assigned = sorted(self.assigned())
+        metas = self.query_store().partition_meta()
+        partitions: dict[str, Any] = {}
+        total_lag = 0
+        for p in assigned:
+            meta = metas.get(p, {})
+            done = int(meta.get("o", -1))
+            clock = (meta.get("m") or {}).get("clock_ms")
+            lag = self._lag(p, done)
+            if lag is not None:
+                total_lag += lag
+            partitions[str(p)] = {
+                "offset": done,
+                "lag": lag,
+                "clock": None if not clock else
+                datetime.fromtimestamp(clock / 1000, UTC).isoformat(),
+            }
+        return {
+            "status": "ok",
+            "app_id": self.settings.kafka.app_id,
+            "partitions": partitions,
+            "lag": total_lag,
+            "messages": self.counts["messages"],
+            "redelivered": self.counts["redelivered"],
+            "batches": self.counts["batches"],
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "wall_clock": wall_clock_enabled(),
+        }
+
+    def _lag(self, partition: int, done: int) -> int | None:
+        from faust.types import TP
+
+        try:
+            highwater = self.app.consumer.highwater(
+                TP(self.settings.kafka.events_topic, partition))
+        except Exception:
+            return None
+        if highwater is None:
+            return None
+        return max(0, int(highwater) - done - 1)
+
+    def close(self) -> None:
+        if self._plugins_started:
+            self.host.call_each("retain_shutdown", {"settings": self.settings})
+        self.host.close()
+
+
+BATCH_MAX = 500
+"""Messages per batch at most: one batch costs three round trips to the brokers."""
+
+BATCH_MAX_AGE_S = 0.25
+IDLE_FLUSH_S = 0.02
+"""A batch is saved as soon as no message has come for this long."""
+
+
+def install(app: Any, runtime: Runtime) -> Callable[..., Any]:
+    """Register the agent, the batch flusher, the rebalance hooks and (with
+    ``RETAIN_WALL_CLOCK``) the wall-clock timer."""
+
+    async def retain_events(stream: Any) -> None:
+        manual = stream.noack()
+        runtime.ack = manual.ack
+        async for event in manual.events():
+            async with runtime.lock:
+                runtime.add(event)
+                if runtime.pending >= BATCH_MAX or runtime.batch_age >= BATCH_MAX_AGE_S:
+                    await _flush(app, runtime)
+
+    agent = app.agent(runtime.topics.events, name="retain-events", concurrency=1)(retain_events)
+
+    async def flush_when_idle() -> None:
+        # Without this, a batch would wait for a next message that may not come (the
+        # end of the input, or a rebalance that stopped the flow).
+        while True:
+            await asyncio.sleep(IDLE_FLUSH_S)
+            if runtime.pending and time.monotonic() - runtime.last_added >= IDLE_FLUSH_S:
+                async with runtime.lock:
+                    await _flush(app, runtime)
+
+    app.task(flush_when_idle)
+
+    async def on_rebalance(sender: Any, *args: Any, **kwargs: Any) -> None:
+        # Faust has waited for every message in progress to be acknowledged, so the
+        # batch is normally empty here; saving it first keeps that true in any case.
+        async with runtime.lock:
+            await _flush(app, runtime)
+            runtime.reset()
+
+    app.on_partitions_revoked.connect(on_rebalance)
+    app.on_partitions_assigned.connect(on_rebalance)
+
+    if wall_clock_enabled():
+        async def wall_clock() -> None:
+            await runtime.wall_clock_tick()
+
+        app.timer(runtime.settings.kafka.tick_interval_s, name="retain-wall-clock")(wall_clock)
+    return agent  # type: ignore[no-any-return]
+
+
+async def _flush(app: Any, runtime: Runtime) -> None:
+    try:
+        await runtime.flush()
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        # Processing errors never get here (they are dead-lettered): the local store
+        # failed. Stop, so that a restart recovers the tables from their changelogs.
+        log.critical("cannot store state; stopping the worker", error=repr(exc))
+        await app.crash(exc)
+        raise

@@ -1,0 +1,590 @@
+"""Customer state in Faust tables, and the core ``Store`` the unchanged Engine runs on.
+
+Four changelog-backed tables, raw bytes in and out (JSON we encode ourselves: never a
+Faust model, never pickle), co-partitioned with the events topic:
+
+==============  ======================  ==================================================
+table           key                     value
+==============  ======================  ==================================================
+customers       customer id             ``{"o": offset, "p": partition, "s": state}``
+customers       ``\\0erased:<hash>``     ``{"o": offset, "p": partition, "erased": ms}``
+recent-signals  customer id             ``{"p": partition, "r": [signal, ...]}``
+recent-actions  customer id             ``{"p": partition, "r": [action, ...]}``
+partition-meta  ``p<N>``                ``{"o": offset, "p": N, "m": {"clock_ms": ms}}``
+partition-meta  ``p<N>/stats``          ``{"o": offset, "p": N, "stats": {counter: n}}``
+==============  ======================  ==================================================
+
+``o`` is the input offset (in partition ``p`` of the events topic) up to which the record
+is current. Delivery is at least once, so a message can come again after a crash;
+comparing its offset with ``o`` tells whether its effects are already stored, which makes
+processing effectively exactly-once per customer without cross-key atomicity.
+
+A :class:`TableStore` buffers the reads and writes of a batch of input messages of one
+partition, and :func:`save` makes a batch durable in a fixed order, waiting for the
+broker's acknowledgement at each step; only then are the records written to the local
+store (RocksDB or memory) together with the changelog offset they reached, so the local
+store is never ahead of its changelog. The input messages are acknowledged to Faust only
+after ``save`` returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import structlog
+
+from retain.core.signals import Signal
+from retain.core.state import CustomerState
+from retain.core.store import erasure_key
+from retain.streams.topics import ACTIONS_TABLE, CUSTOMERS_TABLE, META_TABLE, SIGNALS_TABLE
+
+log = structlog.get_logger("retain.streams")
+
+RECENT_LIMIT = 20
+"""How many signals and actions per customer the recent lists keep for queries (the
+topics keep them all). Each change rewrites the list, so keep it short."""
+
+ERASED_PREFIX = b"\x00erased:"
+"""Erasure markers share the customers table; no customer id can start with a NUL."""
+
+MAX_RETRY_DELAY_S = 30.0
+
+TRUNCATE_TO = 512 * 1024
+"""A dead letter the brokers refuse as too large keeps this much of the original."""
+
+Table = Any  # a faust Table: kept untyped so importing this module does not import Faust
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One message to produce: to an output topic, or to a table's changelog."""
+
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    partition: int | None = None
+    headers: list[tuple[str, bytes]] | None = None
+    truncatable: bool = False  # a copy set aside (dead letter): may be cut if too large
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    table: str
+    key: bytes
+    value: bytes | None  # None deletes the key (a tombstone in the changelog)
+
+
+@dataclass(frozen=True)
+class Tables:
+    """The four Faust tables of a worker."""
+
+    customers: Table
+    signals: Table
+    actions: Table
+    meta: Table
+
+    def by_name(self, name: str) -> Table:
+        return {CUSTOMERS_TABLE: self.customers, SIGNALS_TABLE: self.signals,
+                ACTIONS_TABLE: self.actions, META_TABLE: self.meta}[name]
+
+
+# -- codecs ----------------------------------------------------------------------------
+def customer_key(customer_id: str) -> bytes:
+    return customer_id.encode()
+
+
+def erasure_marker_key(customer_id: str) -> bytes:
+    return ERASED_PREFIX + erasure_key(customer_id).encode()
+
+
+def meta_key(partition: int) -> bytes:
+    return b"p%d" % partition
+
+
+def stats_key(partition: int) -> bytes:
+    return b"p%d/stats" % partition
+
+
+def encode_customer(state: CustomerState, offset: int, partition: int) -> bytes:
+    # The state is already JSON bytes: splice it in rather than encode it twice.
+    return b'{"o":%d,"p":%d,"s":%b}' % (offset, partition, state.to_json())
+
+
+def decode_record(raw: bytes) -> dict[str, Any]:
+    data = orjson.loads(raw)
+    if not isinstance(data, dict):
+        raise ValueError("table record is not a JSON object")
+    return data
+
+
+def decode_state(record: dict[str, Any]) -> CustomerState:
+    return CustomerState.from_dict(dict(record["s"]))
+
+
+def encode_json(data: Any) -> bytes:
+    return orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS)
+
+
+def _newest_first(rows: list[dict[str, Any]], id_field: str) -> list[dict[str, Any]]:
+    rows.sort(key=lambda r: (r.get("at_ms") or 0, r.get(id_field) or ""), reverse=True)
+    return rows
+
+
+# -- delivery --------------------------------------------------------------------------
+async def deliver(producer: Any, records: Sequence[Record]) -> list[Any]:
+    """Produce ``records`` and wait until the broker acknowledged every one.
+
+    ``producer`` is the app's (``app.producer``). A failed send is retried (with the
+    same key and value, so a retry can duplicate but never lose a message) until it
+    succeeds or the worker stops. Returns the ``RecordMetadata`` of each record, in order.
+    """
+    records = list(records)
+    results: list[Any] = [None] * len(records)
+    pending = list(range(len(records)))
+    attempt = 0
+    while pending:
+        futures: list[Any] = []
+        for i in pending:
+            r = records[i]
+            try:
+                futures.append(await producer.send(
+                    r.topic, r.key, r.value, r.partition, None, r.headers))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the producer refused it outright: retry below
+                futures.append(_failed(exc))
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        failed = []
+        wait = False
+        for i, outcome in zip(pending, outcomes, strict=True):
+            if isinstance(outcome, asyncio.CancelledError):
+                raise outcome
+            if not isinstance(outcome, BaseException):
+                results[i] = outcome
+                continue
+            failed.append(i)
+            if _too_large(outcome) and records[i].truncatable:
+                records[i] = _truncated(records[i])  # and again at once
+            else:
+                wait = True
+                log.warning("produce failed, retrying", topic=records[i].topic,
+                            error=repr(outcome), attempt=attempt + 1)
+        pending = failed
+        if wait:
+            attempt += 1
+            await asyncio.sleep(min(MAX_RETRY_DELAY_S, 0.2 * 2 ** attempt))
+    return results
+
+
+async def _failed(exc: BaseException) -> Any:
+    raise exc
+
+
+def _too_large(exc: BaseException) -> bool:
+    from aiokafka.errors import MessageSizeTooLargeError
+
+    return isinstance(exc, MessageSizeTooLargeError)
+
+
+def _truncated(record: Record) -> Record:
+    """Keep the start of the original, halving until the brokers take it."""
+    value = record.value or b""
+    headers = list(record.headers or [])
+    if not any(name == "truncated_from" for name, _ in headers):
+        headers.append(("truncated_from", str(len(value)).encode()))
+        log.warning("dead letter too large, truncated", topic=record.topic, size=len(value))
+    return Record(record.topic, record.key, value[:min(TRUNCATE_TO, len(value) // 2)],
+                  record.partition, headers, truncatable=True)
+
+
+async def save(producer: Any, stores: Sequence[TableStore],
+               outputs: Sequence[Record] = ()) -> None:
+    """Make a batch durable: outputs, recent lists and counters; customers; partition meta.
+
+    Each step waits for the broker's acknowledgement of the one before, so whatever a
+    crash leaves behind is safe to build on: a customer record is only ever stored after
+    the signals and actions it led to, and a partition's meta (whose offset says "all
+    done up to here") only after every customer record of the batch. Then the records
+    are written to the local stores, with the changelog position they reached.
+    """
+    steps: list[list[tuple[TableStore, Change]]] = [[], [], []]
+    for store in stores:
+        for step, changes in zip(steps, store.changes(), strict=True):
+            step.extend((store, c) for c in changes)
+    head = list(outputs)
+    sent = await deliver(producer, head + [_changelog_record(s, c) for s, c in steps[0]])
+    written = list(zip(steps[0], sent[len(head):], strict=True))
+    for step in steps[1:]:
+        sent = await deliver(producer, [_changelog_record(s, c) for s, c in step])
+        written += list(zip(step, sent, strict=True))
+    _apply_locally(written)
+    for store in stores:
+        store.begin()
+
+
+def _changelog_record(store: TableStore, change: Change) -> Record:
+    topic = store.tables.by_name(change.table).changelog_topic.get_topic_name()
+    return Record(topic, change.key, change.value, store.partition)
+
+
+@dataclass(frozen=True, slots=True)
+class _ChangelogMessage:
+    """What a Faust store's ``apply_changelog_batch`` reads from a changelog event."""
+
+    tp: Any
+    offset: int
+    partition: int
+    key: bytes
+    value: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class _ChangelogEvent:
+    key: bytes
+    value: bytes | None
+    message: _ChangelogMessage
+
+
+def _apply_locally(written: list[tuple[tuple[TableStore, Change], Any]]) -> None:
+    """Write acknowledged changelog records to the local stores, as recovery would.
+
+    Going through ``apply_changelog_batch`` (rather than ``table[key] = value``) writes
+    to the right partition without a current event, sends nothing more, and records the
+    changelog offset reached: the local store is never ahead of its changelog.
+    """
+    by_table: dict[int, tuple[Any, list[_ChangelogEvent]]] = {}
+    for (store, change), metadata in written:
+        table = store.tables.by_name(change.table)
+        message = _ChangelogMessage(metadata.topic_partition, metadata.offset,
+                                    metadata.topic_partition.partition, change.key, change.value)
+        by_table.setdefault(id(table), (table, []))[1].append(
+            _ChangelogEvent(change.key, change.value, message))
+    for table, events in by_table.values():
+        table.data.apply_changelog_batch(events, to_key=_same, to_value=_same)
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+# -- the store -------------------------------------------------------------------------
+class TableStore:
+    """``core.store.Store`` over the tables, for one partition (read-write) or for every
+    partition assigned to this worker (``partition=None``: read-only, for queries).
+
+    In partition scope, :meth:`begin` starts a batch, :meth:`at` records each input
+    offset processed, and :func:`save` writes the batch; in between the Engine reads and
+    writes an in-memory overlay.
+    """
+
+    def __init__(
+        self,
+        tables: Tables,
+        partition: int | None,
+        assigned: Callable[[], set[int]] | None = None,
+    ) -> None:
+        self.tables = tables
+        self.partition = partition
+        self._assigned = assigned
+        self._offset = -1
+        self._reset()
+
+    def _reset(self) -> None:
+        self._states: dict[str, CustomerState | None] = {}
+        self._offsets: dict[str, int] = {}
+        self._dirty: set[str] = set()
+        self._erasures: dict[str, int] = {}
+        self._rows: dict[tuple[str, str], list[dict[str, Any]] | None] = {}
+        self._dirty_rows: set[tuple[str, str]] = set()
+        self._meta: dict[str, Any] | None = None
+        self._meta_offset = -1
+        self._stats: dict[str, int] | None = None
+        self._stats_offset = -1
+
+    # -- the unit of work ----------------------------------------------------------------
+    def begin(self) -> None:
+        """Start a batch of input messages; drops anything unsaved."""
+        self._writable()
+        self._offset = -1
+        self._reset()
+
+    def at(self, offset: int) -> None:
+        """The input message at ``offset`` of this partition has been processed."""
+        self._offset = max(self._offset, offset)
+
+    @property
+    def offset(self) -> int:
+        """The last input offset processed in this batch (-1: none)."""
+        return self._offset
+
+    def changes(self) -> tuple[list[Change], list[Change], list[Change]]:
+        """What :func:`save` writes, in three steps: the recent lists and the partition's
+        counters, then the customers (and erasure markers), then the partition meta."""
+        p = self._writable()
+        rows = []
+        if self._offset >= 0 and self._stats is not None:
+            record = {"o": self._offset, "p": p, "stats": self._stats}
+            rows.append(Change(META_TABLE, stats_key(p), encode_json(record)))
+        for table, cid in sorted(self._dirty_rows):
+            recent = self._rows[(table, cid)]
+            value = None if recent is None else encode_json({"p": p, "r": recent})
+            rows.append(Change(table, customer_key(cid), value))
+        customers = []
+        for cid in sorted(self._dirty):
+            state = self._states.get(cid)
+            value = None if state is None else encode_customer(state, self._offset, p)
+            customers.append(Change(CUSTOMERS_TABLE, customer_key(cid), value))
+        for cid, cutoff in sorted(self._erasures.items()):
+            marker = {"o": self._offset, "p": p, "erased": cutoff}
+            customers.append(Change(CUSTOMERS_TABLE, erasure_marker_key(cid),
+                                    encode_json(marker)))
+        meta = []
+        if self._offset >= 0:
+            record = {"o": self._offset, "p": p, "m": self._load_meta()}
+            meta.append(Change(META_TABLE, meta_key(p), encode_json(record)))
+        return rows, customers, meta
+
+    def _writable(self) -> int:
+        if self.partition is None:
+            raise RuntimeError("a worker-wide TableStore is read-only")
+        return self.partition
+
+    # -- reading the tables ----------------------------------------------------------------
+    def _raw(self, table: str, key: bytes) -> bytes | None:
+        value = self.tables.by_name(table).data.get(key)
+        return None if value is None else bytes(value)
+
+    def _scope(self) -> set[int] | None:
+        if self.partition is not None:
+            return {self.partition}
+        return None if self._assigned is None else self._assigned()
+
+    def _scan(self, table: str) -> Iterator[tuple[bytes, dict[str, Any]]]:
+        """Every record of ``table`` in scope (overlay not included)."""
+        scope = self._scope()
+        for key, raw in self._snapshot(table):
+            if raw is None:
+                continue
+            try:
+                record = decode_record(bytes(raw))
+            except ValueError:
+                log.error("unreadable table record", table=table, key=bytes(key)[:64])
+                continue
+            if scope is None or record.get("p") in scope:
+                yield bytes(key), record
+
+    def _snapshot(self, table: str) -> list[tuple[Any, Any]]:
+        data = self.tables.by_name(table).data
+        for _ in range(10):
+            try:
+                return list(data.items())
+            except RuntimeError:  # a dict store changed size: the agent saved meanwhile
+                continue
+        return list(data.items())
+
+    def _customer_records(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        for key, record in self._scan(CUSTOMERS_TABLE):
+            if not key.startswith(b"\x00"):
+                yield key.decode(), record
+
+    # -- Store: customer state --------------------------------------------------------------
+    def get(self, customer_id: str) -> CustomerState | None:
+        if customer_id in self._states:
+            return self._states[customer_id]
+        raw = self._raw(CUSTOMERS_TABLE, customer_key(customer_id))
+        state = None
+        if raw is not None:
+            record = decode_record(raw)
+            state = decode_state(record)
+            self._offsets[customer_id] = int(record.get("o", -1))
+        self._states[customer_id] = state
+        return state
+
+    def customer_offset(self, customer_id: str) -> int:
+        """The input offset whose effects this customer's stored state includes (-1: none)."""
+        self.get(customer_id)
+        return self._offsets.get(customer_id, -1)
+
+    def put(self, state: CustomerState) -> None:
+        self._writable()
+        self._states[state.customer_id] = state
+        self._dirty.add(state.customer_id)
+
+    def states(self) -> Iterator[CustomerState]:
+        for cid, record in self._customer_records():
+            if cid not in self._states:
+                yield decode_state(record)
+        for state in list(self._states.values()):
+            if state is not None:
+                yield state
+
+    def count(self) -> int:
+        stored = {cid for cid, _ in self._customer_records()}
+        for cid, state in self._states.items():
+            if state is None:
+                stored.discard(cid)
+            else:
+                stored.add(cid)
+        return len(stored)
+
+    def timers(self) -> Iterator[tuple[str, int]]:
+        for cid, record in self._customer_records():
+            due = record["s"].get("due_ms")
+            if cid not in self._states and due is not None:
+                yield cid, int(due)
+        for cid, state in list(self._states.items()):
+            if state is not None and state.due_ms is not None:
+                yield cid, state.due_ms
+
+    # -- Store: recent signals and actions -------------------------------------------------
+    def _recent(self, table: str, customer_id: str) -> list[dict[str, Any]] | None:
+        slot = (table, customer_id)
+        if slot not in self._rows:
+            raw = self._raw(table, customer_key(customer_id))
+            self._rows[slot] = None if raw is None else list(decode_record(raw)["r"])
+        return self._rows[slot]
+
+    def _add_rows(self, table: str, customer_id: str, new: Iterable[dict[str, Any]],
+                  id_field: str) -> None:
+        self._writable()
+        rows = list(self._recent(table, customer_id) or [])
+        known = {r[id_field] for r in rows}
+        added = [r for r in new if r[id_field] not in known]
+        if not added:
+            return
+        self._rows[(table, customer_id)] = _newest_first(rows + added, id_field)[:RECENT_LIMIT]
+        self._dirty_rows.add((table, customer_id))
+
+    def add_signals(self, signals: Iterable[Signal]) -> None:
+        by_customer: dict[str, list[dict[str, Any]]] = {}
+        for s in signals:
+            by_customer.setdefault(s.customer_id, []).append(s.to_dict())
+        for cid, rows in by_customer.items():
+            self._add_rows(SIGNALS_TABLE, cid, rows, "signal_id")
+
+    def add_actions(self, actions: Iterable[Any]) -> None:
+        by_customer: dict[str, list[dict[str, Any]]] = {}
+        for a in actions:
+            by_customer.setdefault(a.customer_id, []).append(a.model_dump(mode="json"))
+        for cid, rows in by_customer.items():
+            self._add_rows(ACTIONS_TABLE, cid, rows, "action_id")
+
+    def _rows_in_scope(self, table: str, customer_id: str | None) -> list[dict[str, Any]]:
+        if customer_id is not None:
+            return list(self._recent(table, customer_id) or [])
+        rows: list[dict[str, Any]] = []
+        for key, record in self._scan(table):
+            if (table, key.decode()) not in self._rows:
+                rows.extend(record["r"])
+        for (t, _), overlay in self._rows.items():
+            if t == table and overlay:
+                rows.extend(overlay)
+        return rows
+
+    def signals(self, customer_id: str | None = None, kind: str | None = None,
+                limit: int | None = None) -> list[dict[str, Any]]:
+        rows = [s for s in self._rows_in_scope(SIGNALS_TABLE, customer_id)
+                if kind is None or s["kind"] == kind]
+        rows = _newest_first(rows, "signal_id")
+        return rows[:limit] if limit else rows
+
+    def actions(self, customer_id: str | None = None, status: str | None = None,
+                strategy: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+        rows = [a for a in self._rows_in_scope(ACTIONS_TABLE, customer_id)
+                if (status is None or a["status"] == status)
+                and (strategy is None or a["strategy"] == strategy)]
+        rows = _newest_first(rows, "action_id")
+        return rows[:limit] if limit else rows
+
+    # -- Store: meta ---------------------------------------------------------------------
+    def _load_meta(self) -> dict[str, Any]:
+        if self._meta is None:
+            raw = self._raw(META_TABLE, meta_key(self._writable()))
+            record = decode_record(raw) if raw is not None else {}
+            self._meta = dict(record.get("m") or {})
+            self._meta_offset = int(record.get("o", -1))
+        return self._meta
+
+    def meta_offset(self) -> int:
+        """The last input offset of this partition that was completely processed (-1: none)."""
+        self._load_meta()
+        return self._meta_offset
+
+    def _load_stats(self) -> dict[str, int]:
+        if self._stats is None:
+            raw = self._raw(META_TABLE, stats_key(self._writable()))
+            record = decode_record(raw) if raw is not None else {}
+            self._stats = dict(record.get("stats") or {})
+            self._stats_offset = int(record.get("o", -1))
+        return self._stats
+
+    def add_stats(self, offset: int, counts: dict[str, int]) -> None:
+        """Count what the message at ``offset`` did, unless it was counted before a crash.
+
+        The counters are saved (with the offset they reach) before the customers, so a
+        message whose customers are already stored is never counted twice.
+        """
+        stats = self._load_stats()
+        if offset <= self._stats_offset:
+            return
+        for name, n in counts.items():
+            if n:
+                stats[name] = stats.get(name, 0) + n
+
+    def get_meta(self, key: str) -> Any:
+        if self.partition is not None:
+            return dict(self._load_stats()) if key == "stats" else self._load_meta().get(key)
+        records = [record for _, record in sorted(self._scan(META_TABLE))]
+        if key == "stats":
+            total: dict[str, int] = {}
+            for record in records:
+                for name, n in (record.get("stats") or {}).items():
+                    total[name] = total.get(name, 0) + n
+            return total or None
+        values: list[Any] = [(record.get("m") or {}).get(key) for record in records]
+        values = [v for v in values if v is not None]
+        if not values:
+            return None
+        return max(values) if key == "clock_ms" else values[0]
+
+    def set_meta(self, key: str, value: Any) -> None:
+        if key == "stats":
+            self._load_stats()
+            self._stats = dict(value)
+        else:
+            self._load_meta()[key] = value
+
+    def partition_meta(self) -> dict[int, dict[str, Any]]:
+        """Per partition in scope: the meta record (``o``, ``m``) as stored."""
+        return {int(record["p"]): record for _, record in self._scan(META_TABLE)
+                if "m" in record}
+
+    # -- Store: erasure, commit ----------------------------------------------------------
+    def forget(self, customer_id: str) -> bool:
+        self._writable()
+        state = self.get(customer_id)
+        if state is not None:
+            self._states[customer_id] = None
+            self._dirty.add(customer_id)
+            self._erasures[customer_id] = state.watermark_ms
+        for table in (SIGNALS_TABLE, ACTIONS_TABLE):
+            if self._recent(table, customer_id) is not None:
+                self._rows[(table, customer_id)] = None
+                self._dirty_rows.add((table, customer_id))
+        return state is not None
+
+    def erased_before(self, customer_id: str) -> int | None:
+        if customer_id in self._erasures:
+            return self._erasures[customer_id]
+        raw = self._raw(CUSTOMERS_TABLE, erasure_marker_key(customer_id))
+        return None if raw is None else int(decode_record(raw)["erased"])
+
+    def commit(self) -> None:
+        """Nothing to do: :meth:`save` (async) is the commit on Kafka."""
+
+    def close(self) -> None:
+        pass
