@@ -156,7 +156,7 @@ def table(title: str | None, columns: list[str], rows: Iterable[Iterable[Any]]) 
         t.add_column(column, justify="right" if column[:1].isupper() or column in {
             "S", "E", "N"} else "left")
     for row in rows:
-        t.add_row(*("" if v is None else f"{v:,.1f}" if isinstance(v, float) else str(v)
+        t.add_row(*("" if v is None else f"{v:,.2f}" if isinstance(v, float) else str(v)
                     for v in row))
     return t
 
@@ -609,11 +609,11 @@ def _print_metric(name: str, data: dict[str, Any], *, unbounded: bool = False) -
 
 
 def _print_at_risk(rows: list[dict[str, Any]]) -> None:
-    out.print(table("customers at risk", ["customer", "Risk", "Spend", "last purchase",
-                                          "lifecycle", "signals", "why"],
-                    [(r["customer_id"], r["risk_score"], r["spend"], r["last_purchase"],
-                      r["lifecycle"], ", ".join(r["signals"]),
-                      ", ".join(f"{k} {v:g}" for k, v in r["components"].items()))
+    out.print(table("customers at risk (active, highest risk first)",
+                    ["customer", "Risk", "Spend", "last buy", "signals", "why"],
+                    [(r["customer_id"], r["risk_score"], r["spend"],
+                      (r["last_purchase"] or "")[:10], ",".join(r["signals"]),
+                      ",".join(f"{k[:8]} {v:g}" for k, v in r["components"].items()))
                      for r in rows]))
 
 
