@@ -1056,8 +1056,9 @@ def simulate(
       end is withheld and appended at the very end, in event-time order, with its original
       ``occurred_at`` -- far later than any sensible allowed lateness.
 
-    ``start`` defaults to :data:`DEFAULT_START` (never "now", so runs are reproducible) and
-    must be timezone-aware; sub-second parts are dropped.
+    A late event is never also duplicated. ``start`` defaults to :data:`DEFAULT_START` (never
+    "now", so runs are reproducible) and must be timezone-aware; sub-second parts are dropped.
+    The dicts are read-only: nested order lines and metadata are shared between events.
     """
     if isinstance(customers, bool) or not isinstance(customers, int) or customers < 0:
         raise ValueError(f"customers must be a non-negative integer, not {customers!r}")

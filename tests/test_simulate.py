@@ -313,6 +313,42 @@ def test_orders_csv_export(clean: list[dict[str, Any]]) -> None:
         assert row["order"] == event["order_id"]
 
 
+def test_bg_nbd_fit_recovers_the_true_parameters() -> None:
+    """The purchases follow the BG/NBD story, so its maximum-likelihood fit finds WORLD."""
+    import numpy as np
+    from scipy.optimize import minimize
+    from scipy.special import gammaln
+
+    purchase_days: dict[str, set[int]] = defaultdict(set)
+    for event in simulate(4000, 365, 5):
+        if event["type"] == "purchase" and "subscription_id" not in event:
+            purchase_days[event["customer_id"]].add((when(event) - DEFAULT_START).days)
+    rows = [(len(d) - 1, max(d) - min(d), 365 - min(d)) for d in purchase_days.values()]
+    x, tx, big_t = (np.array(column, dtype=float) for column in zip(*rows, strict=True))
+
+    def negative_log_likelihood(log_params: Any) -> float:
+        r, alpha, a, b = np.exp(log_params)
+        common = (
+            gammaln(r + x) - gammaln(r) + r * np.log(alpha)
+            + gammaln(a + b) + gammaln(b + x) - gammaln(b) - gammaln(a + b + x)
+        )  # fmt: skip
+        alive = -(r + x) * np.log(alpha + big_t)
+        dropped = np.where(
+            x > 0,
+            np.log(a) - np.log(np.maximum(b + x - 1, 1e-12)) - (r + x) * np.log(alpha + tx),
+            -np.inf,
+        )
+        return float(-np.sum(common + np.logaddexp(alive, dropped)))
+
+    fit = minimize(negative_log_likelihood, np.log([1.0, 10.0, 1.0, 1.0]), method="Nelder-Mead",
+                   options={"maxiter": 4000, "xatol": 1e-6, "fatol": 1e-6})  # fmt: skip
+    r, alpha, a, b = np.exp(fit.x)
+    truth = WorldParameters()
+    assert r / alpha == pytest.approx(truth.r / truth.alpha, rel=0.2)  # mean purchase rate
+    assert r == pytest.approx(truth.r, rel=0.2)
+    assert a / (a + b) == pytest.approx(truth.a / (truth.a + truth.b), rel=0.15)  # mean drop-out
+
+
 def test_world_parameters_shape_the_population() -> None:
     def orders_per_customer(world: WorldParameters) -> float:
         kinds = Counter(
