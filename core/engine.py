@@ -21,7 +21,7 @@ from retain.core.actions import Action, ActionBase, action_to_dict, apply_policy
 from retain.core.config import Settings
 from retain.core.events import AnyEvent, epoch_ms
 from retain.core.manager import PluginHost
-from retain.core.signals import DetectContext, Detector, Signal, content_id
+from retain.core.signals import DetectContext, Detector, EventDetector, Signal, content_id
 from retain.core.sinks import Sink
 from retain.core.state import Applied, CustomerState, apply
 from retain.core.store import Store
@@ -60,6 +60,8 @@ class Engine:
         self.detect_ctx = DetectContext(settings.signals, self.lateness_ms, model)
         registry = host.collect("retain_register_detectors", "detector", lambda d: d.name)
         self.detectors: list[Detector] = list(registry.items.values())
+        # Only clock-driven detectors ever name a next moment; asking the others is waste.
+        self.clock_detectors = [d for d in self.detectors if not isinstance(d, EventDetector)]
         if sinks is None:
             available = host.collect("retain_register_sinks", "sink", lambda s: s.name)
             sinks = [available.items[n] for n in settings.sinks if n in available.items]
@@ -219,7 +221,7 @@ class Engine:
 
     def _schedule(self, state: CustomerState, after_ms: int) -> None:
         due: int | None = None
-        for detector in self.detectors:
+        for detector in self.clock_detectors:
             try:
                 moment = detector.next_due(state, self.detect_ctx)
             except Exception as exc:

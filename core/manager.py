@@ -91,6 +91,8 @@ class _Impl:
     function: Callable[..., Any]
     argnames: tuple[str, ...]
     is_async: bool
+    health: PluginHealth
+    ctx: HookContext
 
 
 @dataclass
@@ -130,6 +132,7 @@ class PluginHost:
         self._impls: dict[str, list[_Impl]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self.trace = os.environ.get(TRACE_ENV, "").lower() in {"1", "true", "yes"}
+        self._budget_ms = settings.plugins.time_budget_ms
         for name in _blocked_from_env():
             self.pm.set_blocked(name)
         if defaults:
@@ -179,6 +182,8 @@ class PluginHost:
                     function=impl.function,
                     argnames=tuple(impl.argnames),
                     is_async=inspect.iscoroutinefunction(impl.function),
+                    health=self.health.setdefault(impl.plugin_name, PluginHealth()),
+                    ctx=self.context(impl.plugin_name),
                 )
                 for impl in reversed(caller.get_hookimpls())
                 if self.health.get(impl.plugin_name, PluginHealth()).disabled is None
@@ -211,14 +216,14 @@ class PluginHost:
     def _call(
         self, impl: _Impl, hook: str, kwargs: dict[str, Any], customer: Any, now_ms: int
     ) -> tuple[bool, Any]:
-        health = self.health.setdefault(impl.plugin, PluginHealth())
+        health = impl.health
         if health.disabled is not None:
             return False, None
-        ctx = self.context(impl.plugin)
+        ctx = impl.ctx
         ctx._customer = customer
         ctx.now_ms = now_ms
         args = {name: (ctx if name == "ctx" else kwargs.get(name)) for name in impl.argnames}
-        budget_ms = self.settings.plugins.time_budget_ms
+        budget_ms = self._budget_ms
         started = time.perf_counter()
         try:
             if impl.is_async:

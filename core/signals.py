@@ -74,10 +74,11 @@ class Detector(Protocol):
     def next_due(self, state: CustomerState, ctx: DetectContext) -> int | None: ...
 
 
-class _EventDetector:
+class EventDetector:
     """Base for detectors that only react to events and never need the clock.
 
-    The others are clock-driven: they look only when the engine wakes a customer at a
+    Plugins' event-only detectors may subclass it so the engine never asks them for a
+    next moment. The others are clock-driven: they look only when the engine wakes a customer at a
     moment that is final (see Engine.advance), never on an arriving event, so what they
     raise does not depend on how events interleave.
     """
@@ -88,7 +89,7 @@ class _EventDetector:
         return None
 
 
-class CancellationDetector(_EventDetector):
+class CancellationDetector(EventDetector):
     name = "cancellation"
     SCORES = {"account": 95, "subscription": 75, "order": 35}
 
@@ -112,7 +113,7 @@ class CancellationDetector(_EventDetector):
         ]
 
 
-class DetractorDetector(_EventDetector):
+class DetractorDetector(EventDetector):
     name = "detractor"
 
     def detect(

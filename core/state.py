@@ -216,10 +216,16 @@ class CustomerState:
 
     def has_consent(self, channel: str) -> bool:
         """Explicit consent for the channel (or 'all'), latest decision wins; absent means no."""
-        specific = self.consent.get(channel)
-        blanket = self.consent.get("all")
-        chosen = max((c for c in (specific, blanket) if c), key=lambda c: (c[0], c[2]), default=None)
-        return bool(chosen and chosen[1])
+        consent = self.consent
+        if not consent:
+            return False
+        specific = consent.get(channel)
+        blanket = consent.get("all")
+        if specific is None:
+            return bool(blanket and blanket[1])
+        if blanket is None or (specific[0], specific[2]) >= (blanket[0], blanket[2]):
+            return bool(specific[1])
+        return bool(blanket[1])
 
     def preferred_channel(
         self, outreach: tuple[str, ...] = OUTREACH_CHANNELS, consented_only: bool = True
@@ -229,8 +235,11 @@ class CustomerState:
         Only channels a message can go out on count (a purchase "on web" says nothing
         about where to write), and by default only those the customer consented to.
         """
-        used = sorted((c for c in self.channels if c in outreach),
-                      key=lambda c: (-self.channels[c], outreach.index(c)))
+        if consented_only and not self.consent:
+            return None
+        used = [c for c in outreach if c in self.channels]
+        if len(used) > 1:
+            used.sort(key=lambda c: -self.channels[c])  # stable: ties keep outreach order
         for channel in [*used, *outreach]:
             if not consented_only or self.has_consent(channel):
                 return channel
