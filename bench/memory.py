@@ -1,0 +1,180 @@
+"""Memory: bytes per customer of hot state in the embedded engine, and in the SQLite store.
+
+Hot state is the engine's ``CustomerState`` per customer, including what plugins keep.
+A realistic sample comes from a simulated year through the engine with every built-in
+plugin; it is replicated (JSON round trip, fresh ids) to N customers in a fresh child
+process, which reports its resident-set growth (RSS, what the issue's target is about)
+and, in a second child, the bytes Python allocated (tracemalloc, exact but blind to
+allocator overhead). The baseline is the minimal loop's state: ``{customer_id: [count,
+sum]}`` for the same N. The sample is also measured field by field, to show what to cut,
+and the time to rehydrate the states is taken with the cyclic GC on and off.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    REPO_ROOT,
+    Report,
+    Row,
+    build_store,
+    replicate,
+    sample_states,
+    say,
+)
+
+SIZES: dict[str, dict[str, Any]] = {
+    "quick": {"customers": 50_000, "traced_customers": 50_000, "sqlite_customers": 50_000,
+              "sample_customers": 1_500},
+    "full": {"customers": 1_000_000, "traced_customers": 100_000, "sqlite_customers": 200_000,
+             "sample_customers": 2_000},
+}
+TARGET_BYTES = 300
+
+
+# -- in a child process --------------------------------------------------------------------
+def _rss() -> int:
+    with open("/proc/self/statm") as fp:
+        return int(fp.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _build(kind: str, templates: list[bytes], count: int) -> dict[str, Any]:
+    if kind == "retain":
+        return {state.customer_id: state for state in replicate(templates, count)}
+    return {f"b{i:07d}": [i % 7 + 1, i * 1.5] for i in range(count)}
+
+
+def child(kind: str, method: str, templates_path: str, count: int) -> dict[str, Any]:
+    """Build ``count`` states and report the growth; ``gc-timing`` times it with the GC on."""
+    templates = Path(templates_path).read_bytes().splitlines()
+    _build(kind, templates, 10)  # warm imports and caches outside the measurement
+    gc.collect()
+    if method != "gc-timing":
+        gc.disable()  # memory is the question here; the collector's cost is measured apart
+    started = time.perf_counter()
+    seconds: float | None = None
+    if method == "tracemalloc":
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        held = _build(kind, templates, count)
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+        tracemalloc.stop()
+    else:
+        before = _rss()
+        held = _build(kind, templates, count)
+        seconds = time.perf_counter() - started
+        gc.collect()
+        grown = _rss() - before
+    return {"kind": kind, "method": method, "customers": len(held), "bytes": grown,
+            "bytes_per_customer": grown / max(len(held), 1),
+            "build_seconds": None if seconds is None else round(seconds, 3)}
+
+
+def _in_child(kind: str, method: str, templates: Path, count: int) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.memory", "child", kind, method, str(templates), str(count)],
+        cwd=REPO_ROOT, capture_output=True, text=True, check=True,
+    )
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+# -- field by field ------------------------------------------------------------------------
+def deep_size(obj: Any, seen: set[int]) -> int:
+    """Bytes of ``obj`` and everything it holds, each object counted once per ``seen``."""
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    size = sys.getsizeof(obj)
+    if isinstance(obj, dict):
+        size += sum(deep_size(k, seen) + deep_size(v, seen) for k, v in obj.items())
+    elif isinstance(obj, list | tuple | set):
+        size += sum(deep_size(v, seen) for v in obj)
+    return size
+
+
+def field_sizes(templates: list[bytes]) -> dict[str, Any]:
+    """Average deep size per CustomerState field (strings orjson interns counted per state)."""
+    from dataclasses import fields
+
+    from retain.core.state import CustomerState
+
+    totals: dict[str, int] = {"(object itself)": 0}
+    for raw in templates:
+        state = CustomerState.from_json(raw)
+        seen: set[int] = set()
+        totals["(object itself)"] += sys.getsizeof(state)
+        for f in fields(state):
+            totals[f.name] = totals.get(f.name, 0) + deep_size(getattr(state, f.name), seen)
+    count = len(templates)
+    average = {k: round(v / count, 1) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+    return {"average_bytes": average, "total_average_bytes": round(sum(average.values()), 1),
+            "json_average_bytes": round(sum(map(len, templates)) / count, 1),
+            "states": count}
+
+
+# -- the benchmark -------------------------------------------------------------------------
+def run(size: str, tmp: Path, budget_s: float | None) -> Report:
+    sizes = dict(SIZES[size])
+    report = Report("memory", size, sizes)
+    say(f"sampling hot state: {sizes['sample_customers']:,} simulated customers through the engine")
+    templates = sample_states(sizes["sample_customers"], tmp)
+    sample = tmp / "states.jsonl"
+    sample.write_bytes(b"\n".join(templates) + b"\n")
+    report.details["sample"] = field_sizes(templates)
+
+    measured: dict[str, dict[str, Any]] = {}
+    for kind in ("baseline", "retain"):
+        for method, count in (("rss", sizes["customers"]), ("tracemalloc", sizes["traced_customers"])):
+            say(f"{kind}: {count:,} customers in a child process ({method})")
+            measured[f"{kind}/{method}"] = _in_child(kind, method, sample, count)
+    count = sizes["traced_customers"]
+    say(f"retain: {count:,} customers with the cyclic GC on (timing)")
+    measured["retain/gc-timing"] = _in_child("retain", "gc-timing", sample, count)
+    measured["retain/gc-off-timing"] = _in_child("retain", "rss", sample, count)
+    report.details["children"] = measured
+
+    for method, label in (("rss", "RSS growth"), ("tracemalloc", "allocated (tracemalloc)")):
+        mine = measured[f"retain/{method}"]
+        base = measured[f"baseline/{method}"]
+        per, base_per = mine["bytes_per_customer"], base["bytes_per_customer"]
+        report.add(Row(f"hot state per customer, {label}", per, "bytes", base_per,
+                       "{id: [count, sum]}", per / base_per if base_per else None,
+                       f"<= {TARGET_BYTES} bytes", per <= TARGET_BYTES,
+                       note=f"{mine['customers']:,} customers; {per * 1e6 / 1e9:.2f} GB per million"))
+
+    on, off = measured["retain/gc-timing"], measured["retain/gc-off-timing"]
+    report.add(Row(f"rehydrate {count:,} states into a dict, GC on", on["build_seconds"], "s",
+                   off["build_seconds"], "s with GC off",
+                   off["build_seconds"] / on["build_seconds"] if on["build_seconds"] else None,
+                   note="CustomerState.from_json per customer; the cyclic GC rescans every "
+                   "state's containers as the dict grows"))
+    say(f"SQLite store with {sizes['sqlite_customers']:,} customers (put + commit)")
+    store = build_store(tmp / "store" / "retain.db", templates, sizes["sqlite_customers"])
+    report.details["sqlite"] = store
+    n = store["customers"]
+    report.add(Row("SQLite state blob per customer", store["state_bytes"] / n, "bytes",
+                   note="CustomerState.to_json (orjson)"))
+    report.add(Row("SQLite file per customer", store["file_bytes"] / n, "bytes",
+                   note=f"{store['file_bytes'] / 1e6:,.0f} MB for {n:,} customers, pages and key"))
+    top = list(report.details["sample"]["average_bytes"].items())[:6]
+    report.add(Row("deep size per customer (sample)", report.details["sample"]["total_average_bytes"],
+                   "bytes", note="largest: " + ", ".join(f"{k} {v:.0f}" for k, v in top)))
+    return report
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 6 and sys.argv[1] == "child":
+        print(json.dumps(child(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))))
+    else:
+        sys.exit("usage: python -m bench.memory child retain|baseline rss|tracemalloc FILE N")

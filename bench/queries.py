@@ -1,0 +1,95 @@
+"""Queries: CRR by month, cohorts and at-risk over N customers, through core.query.LocalQuery.
+
+The store is prepared quickly: a realistic sample of engine state (a simulated year with
+every built-in plugin) replicated to N customers and written through SqliteStore.put and
+commit. Each query then runs as the CLI runs it: a read-only SqliteStore, LocalQuery,
+default parameters (the last twelve months, by month). The baseline is the floor any
+full-scan query over this store pays: read every row and ``orjson.loads`` it. Reading
+``store.states()`` (the same plus building CustomerState objects) is shown as well, so the
+remainder is the metric's own arithmetic.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bench.common import Report, Row, Timing, build_store, sample_states, say, settings, timed
+
+SIZES: dict[str, dict[str, Any]] = {
+    "quick": {"customers": 50_000, "sample_customers": 1_500, "repeats": 2},
+    "full": {"customers": 1_000_000, "sample_customers": 2_000, "repeats": 1},
+}
+TARGET_S = 1.0
+
+
+def _best(work: Any, repeats: int) -> Timing:
+    runs = [timed(work) for _ in range(repeats)]
+    return min(runs, key=lambda t: t.wall_s)
+
+
+def run(size: str, tmp: Path, budget_s: float | None) -> Report:
+    from retain.core.query import LocalQuery
+    from retain.core.store import SqliteStore
+
+    sizes = dict(SIZES[size])
+    report = Report("queries", size, sizes)
+    say(f"sampling hot state: {sizes['sample_customers']:,} simulated customers through the engine")
+    templates = sample_states(sizes["sample_customers"], tmp)
+    data_dir = tmp / "data"
+    say(f"preparing a store with {sizes['customers']:,} customers")
+    report.details["store"] = build_store(data_dir / "retain.db", templates, sizes["customers"])
+    n = report.details["store"]["customers"]
+    cfg = settings(data_dir)
+    store = SqliteStore(cfg.store_path, readonly=True)
+    repeats = sizes["repeats"]
+    try:
+        query = LocalQuery(store, cfg)
+
+        def scan() -> int:
+            loads = orjson.loads
+            return sum(1 for _, raw in store.db.execute("SELECT id, state FROM customers")
+                       if loads(raw))
+
+        say("baseline: read and parse every row")
+        floor = _best(scan, repeats)
+        say("store.states()")
+        states = _best(lambda: sum(1 for _ in store.states()), repeats)
+        report.add(Row("baseline: SELECT + orjson.loads per row", floor.wall_s, "s",
+                       note=f"{n:,} customers, best of {repeats}", cpu_value=floor.cpu_s))
+        report.add(Row("store.states() (rows -> CustomerState)", states.wall_s, "s", floor.wall_s,
+                       "s baseline", floor.wall_s / states.wall_s if states.wall_s else None,
+                       cpu_value=states.cpu_s))
+        answers: dict[str, Any] = {}
+        timings = {"baseline_scan": floor.to_dict(), "states": states.to_dict()}
+        cases = {
+            "CRR by month (metrics retention)": lambda: query.metric("retention"),
+            "cohorts by month (metrics cohorts)": lambda: query.metric("cohorts", max_offset=6),
+            "at-risk top 20": lambda: query.at_risk(top=20),
+        }
+        for title, ask in cases.items():
+            say(title)
+
+            def work(ask: Any = ask, title: str = title) -> int:
+                answers[title] = ask()
+                return n
+
+            timing = _best(work, repeats)
+            timings[title] = timing.to_dict()
+            report.add(Row(title, timing.wall_s, "s", floor.wall_s, "s baseline",
+                           floor.wall_s / timing.wall_s if timing.wall_s else None,
+                           f"<= {TARGET_S:g} s", timing.wall_s <= TARGET_S,
+                           note=f"{1e6 * timing.wall_s / n:.1f} us per customer",
+                           cpu_value=timing.cpu_s))
+        report.details["timings"] = timings
+        crr = answers["CRR by month (metrics retention)"]["result"]
+        report.details["sanity"] = {
+            "retention_periods": len(crr),
+            "last_period": crr[-1] if crr else None,
+            "at_risk_returned": len(answers["at-risk top 20"]),
+        }
+    finally:
+        store.close()
+    return report
