@@ -166,6 +166,16 @@ def pct(value: float | None) -> str:
 
 
 @contextmanager
+def spinner(label: str, enabled: Any = True) -> Iterator[None]:
+    """A spinner for work of unknown length; silent off a terminal or when disabled."""
+    if not enabled or not sys.stderr.isatty():
+        yield
+        return
+    with err.status(label):
+        yield
+
+
+@contextmanager
 def progress_bar(total: int | None, label: str) -> Iterator[Callable[[int], None]]:
     """A progress bar on a terminal; silent in pipes and CI logs."""
     if not sys.stderr.isatty() or total is None:
@@ -320,7 +330,8 @@ def simulate(
             text.flush()
             text.detach()
         elif fmt == "jsonl":
-            count = sim.write_jsonl(events, target)
+            with spinner(f"simulating {customers:,} customers over {days} days", out_file):
+                count = sim.write_jsonl(events, target)
             if out_file:
                 err.print(f"wrote {count:,} events to {out_file}")
         else:
@@ -339,6 +350,8 @@ def demo(
     """Simulate a shop, replay it, and show retention, cohorts, risk and actions.
 
     It writes into the data dir (default ./.retain), replacing an earlier demo there.
+
+    Example: [bold]retain demo --customers 5000[/]
     """
     from retain.core import simulate as sim
 
@@ -435,7 +448,10 @@ def customer_forget(
     customer_id: Annotated[str, typer.Argument(help="The customer id to erase.")],
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
 ) -> None:
-    """Erase a customer: state, signals and actions; replays will not bring them back."""
+    """Erase a customer: state, signals and actions; replays will not bring them back.
+
+    Example: [bold]retain customer forget c00042 --yes[/]
+    """
     cfg = settings()
     if cfg.url:
         from retain.streams.client import HttpQuery
@@ -552,28 +568,40 @@ def metrics_cohorts(period: PeriodOpt = "month", from_: FromOpt = None, to: ToOp
 def metrics_lifecycle(period: PeriodOpt = "month", from_: FromOpt = None, to: ToOpt = None,
                       as_of: AsOfOpt = None, json_out: JsonOpt = False,
                       fmt: FormatOpt = "table") -> None:
-    """New, returning, resurrecting and dormant customers per period."""
+    """New, returning, resurrecting and dormant customers per period.
+
+    Example: [bold]retain metrics lifecycle --period week --json[/]
+    """
     _metric_command("lifecycle", period, from_, to, as_of, json_out, fmt)
 
 
 @metrics_app.command("nps")
 def metrics_nps(period: PeriodOpt = "month", from_: FromOpt = None, to: ToOpt = None,
                 as_of: AsOfOpt = None, json_out: JsonOpt = False, fmt: FormatOpt = "table") -> None:
-    """Net Promoter Score per period (latest answer per customer in the period)."""
+    """Net Promoter Score per period (latest answer per customer in the period).
+
+    Example: [bold]retain metrics nps --period quarter[/]
+    """
     _metric_command("nps", period, from_, to, as_of, json_out, fmt)
 
 
 @metrics_app.command("csat")
 def metrics_csat(period: PeriodOpt = "month", from_: FromOpt = None, to: ToOpt = None,
                  as_of: AsOfOpt = None, json_out: JsonOpt = False, fmt: FormatOpt = "table") -> None:
-    """Customer satisfaction (share of 4–5 answers) per period."""
+    """Customer satisfaction (share of 4–5 answers) per period.
+
+    Example: [bold]retain metrics csat --from 2024-01-01 --to 2024-06-30[/]
+    """
     _metric_command("csat", period, from_, to, as_of, json_out, fmt)
 
 
 @metrics_app.command("summary")
 def metrics_summary(as_of: AsOfOpt = None, json_out: JsonOpt = False,
                     fmt: FormatOpt = "table") -> None:
-    """Repeat-purchase rate, average order value, purchase frequency, active customers."""
+    """Repeat-purchase rate, average order value, purchase frequency, active customers.
+
+    Example: [bold]retain metrics summary --as-of 2024-06-30[/]
+    """
     _metric_command("summary", "month", None, None, as_of, json_out, fmt)
 
 
@@ -608,6 +636,21 @@ def _print_metric(name: str, data: dict[str, Any], *, unbounded: bool = False) -
         out.print(table("summary", ["figure", "Value"], [(k, v) for k, v in rows.items()]))
 
 
+def _machine_output(rows: list[dict[str, Any]], json_out: bool, fmt: str) -> bool:
+    """Print rows as JSON or CSV when asked; False means: print the table for people."""
+    if fmt not in {"table", "json", "csv"}:
+        raise UserError(f"--format must be table, json or csv, not {fmt!r}")
+    if json_out or fmt == "json":
+        emit_json(rows)
+        return True
+    if fmt == "csv":
+        flat = [{k: orjson.dumps(v).decode() if isinstance(v, dict | list) else v
+                 for k, v in row.items()} for row in rows]
+        write_rows(flat, "csv", sys.stdout)
+        return True
+    return False
+
+
 def _print_at_risk(rows: list[dict[str, Any]]) -> None:
     out.print(table("customers at risk (active, highest risk first)",
                     ["customer", "Risk", "Spend", "last buy", "signals", "why"],
@@ -638,12 +681,14 @@ def at_risk(
     top: Annotated[int, typer.Option(min=1, help="How many customers.")] = 20,
     as_of: AsOfOpt = None,
     json_out: JsonOpt = False,
+    fmt: FormatOpt = "table",
 ) -> None:
-    """Active customers most at risk of churning, highest composite risk first, with evidence."""
+    """Active customers most at risk of churning, highest composite risk first, with evidence.
+
+    Example: [bold]retain at-risk --top 50 --format csv > at-risk.csv[/]
+    """
     rows = query().at_risk(top=top, as_of_ms=parse_when(as_of, end_of_day=True))
-    if json_out:
-        emit_json(rows)
-    else:
+    if not _machine_output(rows, json_out, fmt):
         _print_at_risk(rows)
 
 
@@ -653,12 +698,14 @@ def signals(
     kind: Annotated[str | None, typer.Option(help="Only this kind (lapse, detractor, ...).")] = None,
     limit: Annotated[int, typer.Option(min=1, help="Newest N.")] = 50,
     json_out: JsonOpt = False,
+    fmt: FormatOpt = "table",
 ) -> None:
-    """Churn signals raised, newest first."""
+    """Churn signals raised, newest first.
+
+    Example: [bold]retain signals --kind lapse --limit 20[/]
+    """
     rows = query().signals(customer_id=customer, kind=kind, limit=limit)
-    if json_out:
-        emit_json(rows)
-    else:
+    if not _machine_output(rows, json_out, fmt):
         out.print(table("signals", ["at", "customer", "kind", "Score", "evidence"],
                         [(s["at"], s["customer_id"], s["kind"], s["score"],
                           orjson.dumps(s["evidence"]).decode()) for s in rows]))
@@ -671,14 +718,16 @@ def actions(
     strategy: Annotated[str | None, typer.Option(help="Only this strategy (plugin).")] = None,
     limit: Annotated[int, typer.Option(min=1, help="Newest N.")] = 50,
     json_out: JsonOpt = False,
+    fmt: FormatOpt = "table",
 ) -> None:
-    """What strategies did: emitted actions, and those policy suppressed (with the reason)."""
+    """What strategies did: emitted actions, and those policy suppressed (with the reason).
+
+    Example: [bold]retain actions --status suppressed --strategy loyalty[/]
+    """
     if status not in (None, "emitted", "suppressed"):
         raise UserError("--status must be emitted or suppressed")
     rows = query().actions(customer_id=customer, status=status, strategy=strategy, limit=limit)
-    if json_out:
-        emit_json(rows)
-    else:
+    if not _machine_output(rows, json_out, fmt):
         out.print(table("actions", ["at", "customer", "strategy", "kind", "channel", "status"],
                         [(a["at"], a["customer_id"], a["strategy"], a["kind"], a.get("channel"),
                           a["status"] + (f": {a['reason']}" if a.get("reason") else ""))
@@ -687,7 +736,10 @@ def actions(
 
 @app.command()
 def status(json_out: JsonOpt = False) -> None:
-    """What the store (or cluster) holds: customers, event clock, counters, model."""
+    """What the store (or cluster) holds: customers, event clock, counters, model.
+
+    Example: [bold]retain --url http://127.0.0.1:6066 status[/]
+    """
     data = query().status()
     if json_out:
         emit_json(data)
@@ -703,7 +755,10 @@ def schema(
     event_type: Annotated[str | None, typer.Argument(
         help="purchase, feedback, cancellation or consent; all when omitted.")] = None,
 ) -> None:
-    """Print the JSON Schema of the events retain accepts."""
+    """Print the JSON Schema of the events retain accepts.
+
+    Example: [bold]retain schema purchase[/]
+    """
     from retain.core.events import EventError, event_json_schema
 
     try:
@@ -718,7 +773,10 @@ def model_fit(
     as_of: AsOfOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Fit BG/NBD (r, α, a, b) by maximum likelihood on the current state and store it."""
+    """Fit BG/NBD (r, α, a, b) by maximum likelihood on the current state and store it.
+
+    Example: [bold]retain model fit --time-unit week --json[/]
+    """
     import numpy as np
 
     from retain.core import btyd
@@ -739,7 +797,8 @@ def model_fit(
         x, t_x, age, money = (np.array(col, dtype=float) for col in zip(*rfm, strict=True))
         started = time.perf_counter()
         try:
-            params = btyd.fit_bgnbd(x, t_x / unit, age / unit, time_unit=time_unit)
+            with spinner(f"fitting BG/NBD on {len(rfm):,} customers", True):
+                params = btyd.fit_bgnbd(x, t_x / unit, age / unit, time_unit=time_unit)
         except ValueError as exc:
             raise UserError(f"cannot fit: {exc}") from None
         result: dict[str, Any] = {"bgnbd": params.to_dict(), "as_of": iso(clock),
@@ -766,7 +825,10 @@ def model_fit(
 
 @model_app.command("show")
 def model_show(json_out: JsonOpt = False) -> None:
-    """The stored model parameters."""
+    """The stored model parameters.
+
+    Example: [bold]retain model show --json[/]
+    """
     data = query().status().get("model")
     if not data:
         raise UserError("no model fitted yet: run 'retain model fit'")
@@ -776,7 +838,10 @@ def model_show(json_out: JsonOpt = False) -> None:
 
 @app.command()
 def plugins(json_out: JsonOpt = False) -> None:
-    """Loaded plugins: name, version, source, hooks and health."""
+    """Loaded plugins: name, version, source, hooks and health.
+
+    Example: [bold]RETAIN_DISABLE_PLUGINS=surveys retain plugins[/]
+    """
     from retain.core.manager import PluginHost
 
     host = PluginHost(settings())
@@ -791,7 +856,10 @@ def plugins(json_out: JsonOpt = False) -> None:
 
 @config_app.command("show")
 def config_show(json_out: JsonOpt = False) -> None:
-    """The effective configuration and where each value came from."""
+    """The effective configuration and where each value came from.
+
+    Example: [bold]RETAIN_STATE__LATENESS=3d retain config show[/]
+    """
     from retain.core.config import describe_sources
 
     rows = describe_sources(settings(), {"data_dir": opts.data_dir} if opts.data_dir else None)

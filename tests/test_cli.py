@@ -79,6 +79,9 @@ def test_metrics_commands_in_all_formats(demo_dir: Path) -> None:
         assert table.returncode == 0 and table.stdout.strip(), name
     csv_out = retain("metrics", "retention", "--format", "csv", data_dir=demo_dir)
     assert csv_out.stdout.decode().splitlines()[0].startswith("period,")
+    for command in (("at-risk",), ("signals",), ("actions",)):
+        lines = retain(*command, "--format", "csv", data_dir=demo_dir).stdout.decode().splitlines()
+        assert len(lines) > 1 and "customer_id" in lines[0].split(","), command
 
 
 def test_export_signals_schema_model(demo_dir: Path, tmp_path: Path) -> None:
