@@ -495,7 +495,9 @@ def customers_export(
             target.close()
 
 
-def write_rows(rows: Iterable[dict[str, Any]], fmt: str, target: Any) -> int:
+def write_rows(rows: Iterable[dict[str, Any]], fmt: str, target: Any,
+               columns: list[str] | None = None) -> int:
+    """JSONL or CSV; CSV columns are ``columns`` or the first row's keys (streamed rows)."""
     import csv
 
     count = 0
@@ -505,7 +507,7 @@ def write_rows(rows: Iterable[dict[str, Any]], fmt: str, target: Any) -> int:
             target.write(orjson.dumps(row).decode() + "\n")
         else:
             if writer is None:
-                writer = csv.DictWriter(target, fieldnames=list(row))
+                writer = csv.DictWriter(target, fieldnames=columns or list(row))
                 writer.writeheader()
             writer.writerow({k: "" if v is None else v for k, v in row.items()})
         count += 1
@@ -646,7 +648,9 @@ def _machine_output(rows: list[dict[str, Any]], json_out: bool, fmt: str) -> boo
     if fmt == "csv":
         flat = [{k: orjson.dumps(v).decode() if isinstance(v, dict | list) else v
                  for k, v in row.items()} for row in rows]
-        write_rows(flat, "csv", sys.stdout)
+        # Rows of different kinds (actions) have different fields: use them all.
+        columns = list(dict.fromkeys(key for row in flat for key in row))
+        write_rows(flat, "csv", sys.stdout, columns)
         return True
     return False
 

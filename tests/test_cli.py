@@ -82,6 +82,10 @@ def test_metrics_commands_in_all_formats(demo_dir: Path) -> None:
     for command in (("at-risk",), ("signals",), ("actions",)):
         lines = retain(*command, "--format", "csv", data_dir=demo_dir).stdout.decode().splitlines()
         assert len(lines) > 1 and "customer_id" in lines[0].split(","), command
+    mixed = retain("actions", "--limit", "500", "--format", "csv", data_dir=demo_dir)
+    assert mixed.returncode == 0, mixed.stderr.decode()  # kinds with different fields
+    header = mixed.stdout.decode().splitlines()[0].split(",")
+    assert {"points", "channel", "template"} <= set(header)
 
 
 def test_export_signals_schema_model(demo_dir: Path, tmp_path: Path) -> None:
