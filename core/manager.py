@@ -16,10 +16,11 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import pluggy
 import structlog
+from pydantic import BaseModel, ValidationError
 
 from retain import __version__
 from retain.core import hookspecs
@@ -41,6 +42,22 @@ DEFAULT_PLUGINS: list[tuple[str, str]] = [
 ]
 
 
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate_options(plugin: str, model: type[M], raw: dict[str, Any]) -> M:
+    """Validate a plugin's options; one line per mistake, naming the option."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        parts = []
+        for err in exc.errors(include_url=False):
+            option = str(err["loc"][0]) if err["loc"] else "options"
+            msg = "unknown option" if err["type"] == "extra_forbidden" else err["msg"]
+            parts.append(f"option {option!r}: {msg.removeprefix('Value error, ')}")
+        raise ValueError(f"{plugin}: " + "; ".join(parts)) from None
+
+
 class RegistrationError(ValueError):
     """Two plugins registered the same name for a detector, sink or command."""
 
@@ -52,7 +69,7 @@ class HookContext:
     customer add nothing to that customer's stored state.
     """
 
-    __slots__ = ("plugin", "settings", "options", "now_ms", "_customer")
+    __slots__ = ("plugin", "settings", "options", "now_ms", "_customer", "_parsed")
 
     def __init__(self, plugin: str, settings: Settings, options: dict[str, Any]) -> None:
         self.plugin = plugin
@@ -60,6 +77,18 @@ class HookContext:
         self.options = options
         self.now_ms = 0
         self._customer: Any = None
+        self._parsed: dict[type, Any] = {}
+
+    def options_as(self, model: type[M]) -> M:
+        """``ctx.options`` validated by a pydantic model, once per plugin (then cached).
+
+        A mistake raises ``ValueError`` with one line naming the plugin and the option,
+        which, raised from ``retain_startup``, disables the plugin and says why.
+        """
+        parsed = self._parsed.get(model)
+        if parsed is None:
+            parsed = self._parsed[model] = validate_options(self.plugin, model, self.options)
+        return cast(M, parsed)
 
     @property
     def state(self) -> dict[str, Any]:

@@ -45,15 +45,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from retain import hookimpl
 from retain.core.actions import Action, AwardPoints, OfferDiscount, SendMessage
 from retain.core.config import DAY_MS, Settings
 from retain.core.events import AnyEvent, PurchaseEvent, epoch_ms
-from retain.core.manager import HookContext
+from retain.core.manager import HookContext, validate_options
 from retain.core.signals import Signal, content_id
 from retain.core.state import CustomerState, day_of
+from retain.plugins.personalisation import greeting
 
 PLUGIN = "loyalty"
 
@@ -113,26 +114,13 @@ class LoyaltyOptions(BaseModel):
 
 
 def parse_options(raw: dict[str, Any]) -> LoyaltyOptions:
-    """Validate ``ctx.options``; a mistake raises one line naming the option."""
-    try:
-        return LoyaltyOptions.model_validate(raw)
-    except ValidationError as exc:
-        parts = []
-        for err in exc.errors(include_url=False):
-            option = str(err["loc"][0]) if err["loc"] else "options"
-            msg = "unknown option" if err["type"] == "extra_forbidden" else err["msg"]
-            parts.append(f"option {option!r}: {msg.removeprefix('Value error, ')}")
-        raise ValueError(f"{PLUGIN}: " + "; ".join(parts)) from None
-
-
-def _greeting(state: CustomerState) -> str:
-    first = state.name.split()[0] if state.name and state.name.strip() else None
-    return f"Hi {first}" if first else "Hi there"
+    """Validate options given directly (tests, docs); hooks use ``ctx.options_as``."""
+    return validate_options(PLUGIN, LoyaltyOptions, raw)
 
 
 @hookimpl
 def retain_startup(settings: Settings, ctx: HookContext) -> None:
-    parse_options(ctx.options)
+    ctx.options_as(LoyaltyOptions)
 
 
 @hookimpl
@@ -141,7 +129,7 @@ def retain_react_to_event(
 ) -> list[Action] | None:
     if not isinstance(event, PurchaseEvent):
         return None
-    opts = parse_options(ctx.options)
+    opts = ctx.options_as(LoyaltyOptions)
     mine = ctx.state
     now = epoch_ms(event.occurred_at)
     channel = state.preferred_channel() or opts.fallback_channel
@@ -182,7 +170,7 @@ def retain_react_to_event(
                 channel=channel,
                 template="tier_upgrade",
                 payload={
-                    "greeting": _greeting(state),
+                    "greeting": greeting(state),
                     "tier": tier.name,
                     "previous_tier": previous,
                     "lifetime_points": mine.get("lifetime", 0),
@@ -197,7 +185,7 @@ def retain_react_to_event(
                 SendMessage(
                     channel=channel,
                     template="early_access",
-                    payload={"greeting": _greeting(state), "tier": tier.name},
+                    payload={"greeting": greeting(state), "tier": tier.name},
                 )
             )
     return actions or None
@@ -212,7 +200,7 @@ def _credit(mine: dict[str, Any], points: int) -> None:
 def retain_react_to_signal(
     signal: Signal, state: CustomerState, ctx: HookContext
 ) -> list[Action] | None:
-    opts = parse_options(ctx.options)
+    opts = ctx.options_as(LoyaltyOptions)
     if signal.kind not in opts.win_back_signals:
         return None
     if signal.kind == "cancellation" and signal.evidence.get("scope") != "subscription":
@@ -232,6 +220,6 @@ def retain_react_to_signal(
             code=code,
             valid_days=opts.discount_valid_days,
             template="win_back_offer",
-            payload={"greeting": _greeting(state), "tier": tier.name, "signal": signal.kind},
+            payload={"greeting": greeting(state), "tier": tier.name, "signal": signal.kind},
         )
     ]

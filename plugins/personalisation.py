@@ -32,13 +32,13 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from retain import hookimpl
 from retain.core.actions import Action, SendMessage
 from retain.core.config import DAY_MS, Settings
 from retain.core.events import AnyEvent, PurchaseEvent, epoch_ms
-from retain.core.manager import HookContext
+from retain.core.manager import HookContext, validate_options
 from retain.core.signals import Signal
 from retain.core.state import CustomerState, day_of
 
@@ -79,16 +79,8 @@ class PersonalisationOptions(BaseModel):
 
 
 def parse_options(raw: dict[str, Any]) -> PersonalisationOptions:
-    """Validate ``ctx.options``; a mistake raises one line naming the option."""
-    try:
-        return PersonalisationOptions.model_validate(raw)
-    except ValidationError as exc:
-        parts = []
-        for err in exc.errors(include_url=False):
-            option = str(err["loc"][0]) if err["loc"] else "options"
-            msg = "unknown option" if err["type"] == "extra_forbidden" else err["msg"]
-            parts.append(f"option {option!r}: {msg.removeprefix('Value error, ')}")
-        raise ValueError(f"{PLUGIN}: " + "; ".join(parts)) from None
+    """Validate options given directly (tests, docs); hooks use ``ctx.options_as``."""
+    return validate_options(PLUGIN, PersonalisationOptions, raw)
 
 
 def greeting(state: CustomerState) -> str:
@@ -115,7 +107,7 @@ def suggestions(state: CustomerState, opts: PersonalisationOptions) -> list[str]
 
 @hookimpl
 def retain_startup(settings: Settings, ctx: HookContext) -> None:
-    parse_options(ctx.options)
+    ctx.options_as(PersonalisationOptions)
 
 
 @hookimpl
@@ -124,7 +116,7 @@ def retain_react_to_event(
 ) -> list[Action] | None:
     if not isinstance(event, PurchaseEvent) or not event.items:
         return None
-    opts = parse_options(ctx.options)
+    opts = ctx.options_as(PersonalisationOptions)
     now = epoch_ms(event.occurred_at)
     last = ctx.state.get("last_follow_up_ms")
     if last is not None and now - last < opts.follow_up_interval_days * DAY_MS:
@@ -148,7 +140,7 @@ def retain_react_to_event(
 def retain_react_to_signal(
     signal: Signal, state: CustomerState, ctx: HookContext
 ) -> list[Action] | None:
-    opts = parse_options(ctx.options)
+    opts = ctx.options_as(PersonalisationOptions)
     if signal.kind not in opts.churn_signals:
         return None
     last_purchase = state.last_purchase_ms

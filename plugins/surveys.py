@@ -30,13 +30,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from retain import hookimpl
 from retain.core.actions import Action, OpenTicket, SendSurvey
 from retain.core.config import Settings
 from retain.core.events import AnyEvent, CancellationEvent, PurchaseEvent, epoch_ms
-from retain.core.manager import HookContext
+from retain.core.manager import HookContext, validate_options
 from retain.core.signals import Signal
 from retain.core.state import CustomerState
 
@@ -57,28 +57,20 @@ class SurveyOptions(BaseModel):
 
 
 def parse_options(raw: dict[str, Any]) -> SurveyOptions:
-    """Validate ``ctx.options``; a mistake raises one line naming the option."""
-    try:
-        return SurveyOptions.model_validate(raw)
-    except ValidationError as exc:
-        parts = []
-        for err in exc.errors(include_url=False):
-            option = str(err["loc"][0]) if err["loc"] else "options"
-            msg = "unknown option" if err["type"] == "extra_forbidden" else err["msg"]
-            parts.append(f"option {option!r}: {msg.removeprefix('Value error, ')}")
-        raise ValueError(f"{PLUGIN}: " + "; ".join(parts)) from None
+    """Validate options given directly (tests, docs); hooks use ``ctx.options_as``."""
+    return validate_options(PLUGIN, SurveyOptions, raw)
 
 
 @hookimpl
 def retain_startup(settings: Settings, ctx: HookContext) -> None:
-    parse_options(ctx.options)
+    ctx.options_as(SurveyOptions)
 
 
 @hookimpl
 def retain_react_to_event(
     event: AnyEvent, state: CustomerState, ctx: HookContext
 ) -> list[Action] | None:
-    opts = parse_options(ctx.options)
+    opts = ctx.options_as(SurveyOptions)
     channel = state.preferred_channel() or opts.fallback_channel
     if isinstance(event, PurchaseEvent):
         if "nps_sent_ms" in ctx.state or state.orders < opts.nps_after_purchases:
@@ -101,7 +93,7 @@ def retain_react_to_signal(
 ) -> list[Action] | None:
     if signal.kind != "detractor":
         return None
-    opts = parse_options(ctx.options)
+    opts = ctx.options_as(SurveyOptions)
     scale = signal.evidence.get("scale")
     score = signal.evidence.get("score")
     high = isinstance(score, int) and (
