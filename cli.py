@@ -21,6 +21,17 @@ from rich.console import Console
 from rich.table import Table
 
 from retain import __version__, cli_kafka, report
+from retain.cli_options import (
+    AmountColOpt,
+    CurrencyOpt,
+    CustomerColOpt,
+    DelimiterOpt,
+    JsonOpt,
+    OrderColOpt,
+    TimeColOpt,
+    TimeFormatOpt,
+    TimezoneOpt,
+)
 
 app = typer.Typer(
     name="retain",
@@ -59,7 +70,6 @@ class _Options:
 
 opts = _Options()
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
 AsOfOpt = Annotated[
     str | None,
     typer.Option("--as-of", help="Observation time (date or ISO time); default: latest event."),
@@ -260,14 +270,14 @@ def print_run_summary(result: dict[str, Any]) -> None:
 def run(
     source: Annotated[str, typer.Argument(help="A JSONL (or CSV) file, or - for stdin.")],
     fmt: Annotated[str, typer.Option("--format", help="jsonl or csv.")] = "jsonl",
-    customer_col: Annotated[str, typer.Option(help="CSV: customer id column.")] = "customer",
-    time_col: Annotated[str, typer.Option(help="CSV: timestamp column.")] = "timestamp",
-    amount_col: Annotated[str, typer.Option(help="CSV: order amount column.")] = "amount",
-    order_col: Annotated[str | None, typer.Option(help="CSV: order id column.")] = None,
-    time_format: Annotated[str | None, typer.Option(help="CSV: strptime format.")] = None,
-    timezone: Annotated[str, typer.Option(help="CSV: zone for times without one.")] = "UTC",
-    currency: Annotated[str, typer.Option(help="CSV: currency of the amounts.")] = "USD",
-    delimiter: Annotated[str, typer.Option(help="CSV: field delimiter.")] = ",",
+    customer_col: CustomerColOpt = "customer",
+    time_col: TimeColOpt = "timestamp",
+    amount_col: AmountColOpt = "amount",
+    order_col: OrderColOpt = None,
+    time_format: TimeFormatOpt = None,
+    timezone: TimezoneOpt = "UTC",
+    currency: CurrencyOpt = "USD",
+    delimiter: DelimiterOpt = ",",
     strict: Annotated[bool, typer.Option(help="Stop at the first bad line.")] = False,
     lateness: Annotated[str | None, typer.Option(
         help="Allowed lateness, e.g. 7d or 36h.")] = None,

@@ -11,6 +11,18 @@ from typing import Annotated, Any
 
 import typer
 
+from retain.cli_options import (
+    AmountColOpt,
+    CurrencyOpt,
+    CustomerColOpt,
+    DelimiterOpt,
+    JsonOpt,
+    OrderColOpt,
+    TimeColOpt,
+    TimeFormatOpt,
+    TimezoneOpt,
+)
+
 topics_app = typer.Typer(help="The Kafka topics retain uses.", no_args_is_help=True)
 broker_app = typer.Typer(
     help="A local single-node Kafka broker for trying retain out (needs Java; the broker "
@@ -18,7 +30,6 @@ broker_app = typer.Typer(
     no_args_is_help=True,
 )
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
 StateDirOpt = Annotated[Path | None, typer.Option(
     "--dir", help="Where the broker keeps its state and data (default: the user data dir).")]
 
@@ -71,14 +82,14 @@ def produce(
     tick: Annotated[bool, typer.Option(
         help="Then send each partition a tick at the file's latest event time, so every "
         "partition's clock ends where 'retain run' ends.")] = False,
-    customer_col: Annotated[str, typer.Option(help="CSV: customer id column.")] = "customer",
-    time_col: Annotated[str, typer.Option(help="CSV: timestamp column.")] = "timestamp",
-    amount_col: Annotated[str, typer.Option(help="CSV: order amount column.")] = "amount",
-    order_col: Annotated[str | None, typer.Option(help="CSV: order id column.")] = None,
-    time_format: Annotated[str | None, typer.Option(help="CSV: strptime format.")] = None,
-    timezone: Annotated[str, typer.Option(help="CSV: zone for times without one.")] = "UTC",
-    currency: Annotated[str, typer.Option(help="CSV: currency of the amounts.")] = "USD",
-    delimiter: Annotated[str, typer.Option(help="CSV: field delimiter.")] = ",",
+    customer_col: CustomerColOpt = "customer",
+    time_col: TimeColOpt = "timestamp",
+    amount_col: AmountColOpt = "amount",
+    order_col: OrderColOpt = None,
+    time_format: TimeFormatOpt = None,
+    timezone: TimezoneOpt = "UTC",
+    currency: CurrencyOpt = "USD",
+    delimiter: DelimiterOpt = ",",
     json_out: JsonOpt = False,
 ) -> None:
     """Send a file of events to the events topic, keyed by customer id.
