@@ -206,7 +206,7 @@ def open_engine(cfg: Any, *, sinks: list[Any] | None = None) -> Any:
     from retain.core.query import load_model
     from retain.core.store import SqliteStore
 
-    store = SqliteStore(cfg.store_path)
+    store = SqliteStore(cfg.store_path, cache_limit=cfg.cache_customers)
     try:
         host = PluginHost(cfg)
         return Engine(cfg, store, host, model=load_model(store), sinks=sinks)

@@ -159,6 +159,10 @@ class Settings(BaseSettings):
         default=5000, ge=1, le=1_000_000,
         description="Embedded runs commit state and input position every this many lines.",
     )
+    cache_customers: int = Field(
+        default=200_000, ge=100,
+        description="Customer states an embedded run keeps in memory between commits.",
+    )
     actions_file: Path | None = Field(
         default=None, description="JSONL file for emitted actions (default: DATA_DIR/actions.jsonl)"
     )

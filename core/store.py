@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import itertools
 import os
 import sqlite3
 from collections.abc import Iterable, Iterator
@@ -165,9 +166,11 @@ class SqliteStore:
     interleave their batches; readers (the query commands) need no lock.
     """
 
-    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+    def __init__(self, path: Path, *, readonly: bool = False,
+                 cache_limit: int | None = None) -> None:
         self.path = path
         self.readonly = readonly
+        self.cache_limit = cache_limit
         self._lock: IO[bytes] | None = None
         if readonly:
             if not path.exists():
@@ -226,6 +229,8 @@ class SqliteStore:
         return state
 
     def put(self, state: CustomerState) -> None:
+        # Re-insert so the cache's order is "least recently written first" for eviction.
+        self._cache.pop(state.customer_id, None)
         self._cache[state.customer_id] = state
         self._dirty.add(state.customer_id)
 
@@ -329,7 +334,18 @@ class SqliteStore:
         self._actions.clear()
         self._meta.clear()
         # A store that was empty when opened holds only customers this process put, all
-        # still in the cache, so a cache miss still means "new customer": no SELECT needed.
+        # still in the cache, so a cache miss still means "new customer": no SELECT needed
+        # -- until the cache sheds some of them.
+        self._evict()
+
+    def _evict(self) -> None:
+        """Keep at most ``cache_limit`` states in memory; everything here is committed."""
+        if self.cache_limit is None or len(self._cache) <= self.cache_limit:
+            return
+        excess = len(self._cache) - int(self.cache_limit * 0.8)
+        for customer_id in list(itertools.islice(self._cache, excess)):
+            del self._cache[customer_id]
+        self._fresh = False
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self.db)

@@ -31,7 +31,7 @@ def write_events(path: Path, customers: int = 150, days: int = 200, seed: int = 
 
 def run_file(data_dir: Path, source: Path, **kwargs: Any) -> Any:
     settings = Settings(data_dir=data_dir, sinks=["jsonl"], batch_size=kwargs.pop("batch", 500))
-    store = SqliteStore(settings.store_path)
+    store = SqliteStore(settings.store_path, cache_limit=kwargs.pop("cache_limit", None))
     try:
         engine = Engine(settings, store, PluginHost(settings, entry_points=False))
         return Runner(engine, data_dir / "rejects.jsonl").run(str(source), **kwargs)
@@ -193,3 +193,11 @@ def test_how_often_the_clock_advances_does_not_change_the_result(tmp_path: Path)
     run_file(tmp_path / "every-line", events, batch=1)
     run_file(tmp_path / "batched", events, batch=5000)
     assert snapshot(tmp_path / "every-line") == snapshot(tmp_path / "batched")
+
+
+def test_a_small_cache_changes_nothing_but_memory(tmp_path: Path) -> None:
+    events = tmp_path / "events.jsonl"
+    write_events(events, customers=300, days=200)
+    run_file(tmp_path / "unbounded", events)
+    run_file(tmp_path / "small", events, batch=200, cache_limit=100)
+    assert snapshot(tmp_path / "small") == snapshot(tmp_path / "unbounded")
