@@ -115,8 +115,14 @@ def settings(**overrides: Any) -> Any:
         overrides.setdefault("data_dir", opts.data_dir)
     if opts.url is not None:
         overrides.setdefault("url", opts.url)
+    import tomllib
+
     try:
         return Settings(**overrides)
+    except tomllib.TOMLDecodeError as exc:
+        from retain.core.config import config_file_path
+
+        raise UserError(f"configuration file {config_file_path()} is not valid TOML: {exc}") from None
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
@@ -311,8 +317,8 @@ app.command("replay", help="Same as run: replay events into the embedded store."
 
 @app.command()
 def simulate(
-    customers: Annotated[int, typer.Option(min=1, help="How many customers.")] = 1000,
-    days: Annotated[int, typer.Option(min=1, help="How many days of history.")] = 365,
+    customers: Annotated[int, typer.Option(min=1, max=50_000_000, help="How many customers.")] = 1000,
+    days: Annotated[int, typer.Option(min=1, max=36_500, help="How many days of history.")] = 365,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same output).")] = 7,
     out_file: Annotated[Path | None, typer.Option("--out", help="File (default stdout).")] = None,
     start: Annotated[str | None, typer.Option(help="First day, YYYY-MM-DD.")] = None,
@@ -353,8 +359,8 @@ def simulate(
 
 @app.command()
 def demo(
-    customers: Annotated[int, typer.Option(min=10, help="Simulated customers.")] = 2000,
-    days: Annotated[int, typer.Option(min=60, help="Days of simulated history.")] = 365,
+    customers: Annotated[int, typer.Option(min=10, max=1_000_000, help="Simulated customers.")] = 2000,
+    days: Annotated[int, typer.Option(min=60, max=3650, help="Days of simulated history.")] = 365,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 7,
 ) -> None:
     """Simulate a shop, replay it, and show retention, cohorts, risk and actions.
@@ -692,7 +698,7 @@ def _print_action_counts(actions: list[dict[str, Any]]) -> None:
 
 @app.command("at-risk")
 def at_risk(
-    top: Annotated[int, typer.Option(min=1, help="How many customers.")] = 20,
+    top: Annotated[int, typer.Option(min=1, max=100_000, help="How many customers.")] = 20,
     as_of: AsOfOpt = None,
     json_out: JsonOpt = False,
     fmt: FormatOpt = "table",
@@ -710,7 +716,7 @@ def at_risk(
 def signals(
     customer: Annotated[str | None, typer.Option(help="Only this customer.")] = None,
     kind: Annotated[str | None, typer.Option(help="Only this kind (lapse, detractor, ...).")] = None,
-    limit: Annotated[int, typer.Option(min=1, help="Newest N.")] = 50,
+    limit: Annotated[int, typer.Option(min=1, max=100_000, help="Newest N.")] = 50,
     json_out: JsonOpt = False,
     fmt: FormatOpt = "table",
 ) -> None:
@@ -730,7 +736,7 @@ def actions(
     customer: Annotated[str | None, typer.Option(help="Only this customer.")] = None,
     status: Annotated[str | None, typer.Option(help="emitted or suppressed.")] = None,
     strategy: Annotated[str | None, typer.Option(help="Only this strategy (plugin).")] = None,
-    limit: Annotated[int, typer.Option(min=1, help="Newest N.")] = 50,
+    limit: Annotated[int, typer.Option(min=1, max=100_000, help="Newest N.")] = 50,
     json_out: JsonOpt = False,
     fmt: FormatOpt = "table",
 ) -> None:
@@ -985,4 +991,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the imported module's main, not this __main__ copy: its UserError is the class
+    # the other CLI modules raise.
+    from retain.cli import main as _main
+
+    _main()

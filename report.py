@@ -88,8 +88,11 @@ def report(
                             "nothing to report")
 
     charts = build_charts(data)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    out_file.write_text(render_html(data, charts), encoding="utf-8")
+    try:
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        out_file.write_text(render_html(data, charts), encoding="utf-8")
+    except OSError as exc:
+        raise cli.UserError(f"cannot write the report to {out_file}: {exc.strerror or exc}") from None
     cli.err.print(f"wrote {out_file} ({out_file.stat().st_size / 1024:,.0f} kB, "
                   f"{len(charts)} charts, as of {data.as_of})")
     if png_dir is not None:
