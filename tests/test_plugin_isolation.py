@@ -136,16 +136,14 @@ def test_only_consecutive_failures_disable_a_plugin(settings: Settings) -> None:
     assert result.health["Flaky"].disabled is None
 
 
-def test_a_slow_sync_plugin_is_disabled_and_the_builtins_act_the_same(settings: Settings) -> None:
+def test_a_slow_sync_plugin_is_flagged_and_the_builtins_act_the_same(settings: Settings) -> None:
     settings.plugins.time_budget_ms = 10
     baseline = run(settings)
     result = run(settings, Sluggish())
 
     assert builtin_decisions(result) == builtin_decisions(baseline)
     assert result.health["Sluggish"].slow_calls >= 1
-    # Over budget on every call: after failure_limit of them in a row it is disabled.
-    disabled = result.health["Sluggish"].disabled
-    assert disabled is not None and "timed out" in disabled
+    assert result.health["Sluggish"].disabled is None
 
 
 def test_a_hanging_async_plugin_is_cancelled_at_the_budget_and_disabled(
