@@ -993,6 +993,6 @@ def main() -> None:
 if __name__ == "__main__":
     # Run the imported module's main, not this __main__ copy: its UserError is the class
     # the other CLI modules raise.
-    from retain.cli import main as _main
+    from retain.cli import main as run_installed_main
 
-    _main()
+    run_installed_main()
