@@ -77,8 +77,9 @@ AsOfOpt = Annotated[
 
 
 # -- plumbing ---------------------------------------------------------------------------
-@app.callback()
+@app.callback(invoke_without_command=True)
 def _main(
+    context: typer.Context,
     data_dir: Annotated[Path | None, typer.Option(
         "--data-dir", help="Where the embedded store lives (env RETAIN_DATA_DIR).")] = None,
     url: Annotated[str | None, typer.Option(
@@ -92,6 +93,9 @@ def _main(
 ) -> None:
     if version:
         out.print(f"retain {__version__}")
+        raise typer.Exit()
+    if context.invoked_subcommand is None:
+        out.print(context.get_help())
         raise typer.Exit()
     opts.debug = debug or os.environ.get("RETAIN_DEBUG", "") in {"1", "true"}
     opts.data_dir = data_dir

@@ -126,6 +126,13 @@ def test_user_errors_are_one_line_without_traceback(demo_dir: Path, args: tuple[
     assert len(stderr.strip().splitlines()) == 1
 
 
+def test_version_and_bare_invocation(tmp_path: Path) -> None:
+    version = retain("--version", data_dir=tmp_path)
+    assert version.returncode == 0 and version.stdout.decode().startswith("retain ")
+    bare = retain(data_dir=tmp_path)
+    assert bare.returncode == 2 and "retain demo" in bare.stdout.decode()  # usage: no command
+
+
 def test_usage_errors_exit_2_and_empty_store_is_explained(tmp_path: Path) -> None:
     assert retain("run", data_dir=tmp_path).returncode == 2
     assert retain("nonsense", data_dir=tmp_path).returncode == 2
