@@ -15,6 +15,15 @@ For every message of the events topic, in partition order:
    this offset: a redelivery after a crash) and the clock advances; a late event goes to
    the late topic.
 
+Offsets are checked, not trusted: each partition must come in order, with no offset left
+out. A message at or below the partition's last processed offset is a redelivery and is
+skipped. A message *beyond* the next expected offset means something between was never
+handed to the agent (Faust can drop messages it had already fetched -- see
+:func:`keep_buffered`); the agent then seeks the partition back to the expected offset and
+skips what comes meanwhile. If the log really holds nothing there (compaction, transaction
+markers, retention), the re-read starts at the same later offset again, and the gap is
+accepted.
+
 Messages are processed in small batches: acknowledged to Faust by hand (the stream is
 ``noack``) only once :func:`~retain.streams.tables.save` has made the batch durable --
 signals and emitted actions (keyed by their ids) before the customers' state, the state
@@ -137,6 +146,28 @@ def _watermark(message: Any) -> int | None:
     return None
 
 
+REWIND_RETRY_S = 2.0
+"""A partition sought back that has not delivered the expected offset after this long is
+sought back again (the first seek can race with messages already fetched)."""
+
+
+@dataclass(slots=True)
+class Gap:
+    """A partition that delivered ``found`` while ``expected`` was due, sought back."""
+
+    expected: int
+    found: int
+    asked_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Rewind:
+    """Seek ``partition`` of the events topic back to ``offset``."""
+
+    partition: int
+    offset: int
+
+
 class Partition:
     """One assigned partition: its store and its Engine (with its own clock)."""
 
@@ -159,7 +190,10 @@ class Runtime:
         self.host = host or PluginHost(settings)
         self.partitions: dict[int, Partition] = {}
         self.started_at = time.time()
-        self.counts: dict[str, int] = {"messages": 0, "redelivered": 0, "batches": 0}
+        self.counts: dict[str, int] = {"messages": 0, "redelivered": 0, "batches": 0,
+                                       "rewinds": 0, "skipped_ahead": 0, "gaps_accepted": 0}
+        self._next: dict[int, int] = {}  # partition -> next offset expected
+        self.gaps: dict[int, Gap] = {}
         self.lock = asyncio.Lock()
         self.ack: Callable[[Any], Awaitable[Any]] | None = None
         self._plugins_started = False
@@ -184,6 +218,8 @@ class Runtime:
     def reset(self) -> None:
         """Forget every Engine: after a rebalance another worker may have moved them on."""
         self.partitions.clear()
+        self._next.clear()
+        self.gaps.clear()
 
     def assigned(self) -> set[int]:
         topic = self.settings.kafka.events_topic
@@ -206,8 +242,12 @@ class Runtime:
     def batch_age(self) -> float:
         return time.monotonic() - self._started if self._events else 0.0
 
-    def add(self, event: Any) -> None:
-        """Process one message of the events topic into the batch; never raises."""
+    def add(self, event: Any) -> Rewind | None:
+        """Process one message of the events topic into the batch; never raises.
+
+        Returns a :class:`Rewind` when the partition must be sought back because an
+        earlier offset never came (the caller seeks; see the module docstring).
+        """
         if not self._plugins_started:
             self._plugins_started = True
             self.host.call_each("retain_startup", {"settings": self.settings})
@@ -215,19 +255,78 @@ class Runtime:
         if not self._events:
             self._started = now
         self.last_added = now
-        self._events.append(event)
+        self._events.append(event)  # acknowledged with the batch, whatever happens to it
         message = event.message
         p = message.partition
         part = self._batch_partition(p)
-        if part.store.meta_offset() >= message.offset:
+        expected = self._next.get(p)
+        if expected is None:
+            expected = part.store.meta_offset() + 1
+        if message.offset < expected:
             self.counts["redelivered"] += 1
-            return  # already processed completely before a restart
+            return None  # already processed (before a restart, or before a rewind)
+        if message.offset > expected:
+            rewind = self._ahead(p, expected, message.offset, now)
+            if rewind is not None or p in self.gaps:
+                return rewind
+        elif self.gaps:
+            self.gaps.pop(p, None)  # the expected offset came
+        self._next[p] = message.offset + 1
         self._messages.setdefault(p, []).append(message)
         try:
             self._outputs.setdefault(p, []).extend(self._process(part, message))
             part.store.at(message.offset)
         except Exception as exc:
             self._processing_failed(p, message, exc)
+        return None
+
+    def _ahead(self, p: int, expected: int, offset: int, now: float) -> Rewind | None:
+        """``offset`` came while ``expected`` was due: seek back, skip, or accept the gap.
+
+        Leaves ``self.gaps[p]`` set while the message is to be skipped.
+        """
+        gap = self.gaps.get(p)
+        if gap is None or gap.expected != expected:
+            self.gaps[p] = Gap(expected, offset, now)
+            self.counts["rewinds"] += 1
+            log.warning("input offsets skipped: seeking back", partition=p, expected=expected,
+                        got=offset)
+            return Rewind(p, expected)
+        if offset > gap.found:  # fetched before the seek: skip, it comes again
+            self.counts["skipped_ahead"] += 1
+            if now - gap.asked_at >= REWIND_RETRY_S:
+                gap.asked_at = now
+                self.counts["rewinds"] += 1
+                return Rewind(p, expected)
+            return None
+        # Read again from ``expected``, the log starts at ``offset``: nothing is there.
+        del self.gaps[p]
+        self.counts["gaps_accepted"] += 1
+        log.info("offsets absent from the log (compacted, transaction markers or retention)",
+                 partition=p, first=expected, last=offset - 1)
+        return None
+
+    def overdue_rewinds(self) -> list[Rewind]:
+        """Partitions sought back whose expected offset has not come for a while."""
+        now = time.monotonic()
+        due = []
+        for p, gap in self.gaps.items():
+            if now - gap.asked_at >= REWIND_RETRY_S:
+                gap.asked_at = now
+                self.counts["rewinds"] += 1
+                due.append(Rewind(p, gap.expected))
+        return due
+
+    async def rewind(self, rewind: Rewind) -> None:
+        """Seek the partition back (Faust also rewinds its own read position)."""
+        from faust.types import TP
+
+        tp = TP(self.settings.kafka.events_topic, rewind.partition)
+        try:
+            await self.app.consumer.seek(tp, rewind.offset)
+        except Exception as exc:  # revoked meanwhile: its next owner reads from the meta
+            log.warning("cannot seek back", partition=rewind.partition, offset=rewind.offset,
+                        error=repr(exc))
 
     def _batch_partition(self, p: int) -> Partition:
         part = self.partition(p)
@@ -394,6 +493,7 @@ class Runtime:
             "messages": self.counts["messages"],
             "redelivered": self.counts["redelivered"],
             "batches": self.counts["batches"],
+            "rewinds": self.counts["rewinds"],
             "uptime_s": round(time.time() - self.started_at, 1),
             "wall_clock": wall_clock_enabled(),
         }
@@ -429,11 +529,14 @@ def install(app: Any, runtime: Runtime) -> Callable[..., Any]:
     ``RETAIN_WALL_CLOCK``) the wall-clock timer."""
 
     async def retain_events(stream: Any) -> None:
+        keep_buffered(app, stream)
         manual = stream.noack()
         runtime.ack = manual.ack
         async for event in manual.events():
             async with runtime.lock:
-                runtime.add(event)
+                rewind = runtime.add(event)
+                if rewind is not None:
+                    await runtime.rewind(rewind)
                 if runtime.pending >= BATCH_MAX or runtime.batch_age >= BATCH_MAX_AGE_S:
                     await _flush(app, runtime)
 
@@ -447,6 +550,10 @@ def install(app: Any, runtime: Runtime) -> Callable[..., Any]:
             if runtime.pending and time.monotonic() - runtime.last_added >= IDLE_FLUSH_S:
                 async with runtime.lock:
                     await _flush(app, runtime)
+            if runtime.gaps:
+                async with runtime.lock:
+                    for rewind in runtime.overdue_rewinds():
+                        await runtime.rewind(rewind)
 
     app.task(flush_when_idle)
 
@@ -466,6 +573,23 @@ def install(app: Any, runtime: Runtime) -> Callable[..., Any]:
 
         app.timer(runtime.settings.kafka.tick_interval_s, name="retain-wall-clock")(wall_clock)
     return agent  # type: ignore[no-any-return]
+
+
+def keep_buffered(app: Any, stream: Any) -> None:
+    """Stop Faust from emptying this stream's buffer whenever flow control resumes.
+
+    Faust clears every stream buffer on ``flow_control.resume()``. That is meant for a
+    rebalance, but it also happens at the end of table recovery, after the partitions were
+    resumed and sought: messages fetched in between are then thrown away while the
+    consumer's position has moved past them, and they would never be processed (defect A
+    of docs/reliability.md: a worker taking over partitions lost events). Kept in the
+    buffer, messages of an older generation are still skipped by Faust itself, and the
+    offset check in :meth:`Runtime.add` catches any other gap.
+    """
+    queue = stream.channel.queue
+    managed = getattr(app.flow_control, "_queues", None)
+    if managed is not None:
+        managed.discard(queue)
 
 
 async def _flush(app: Any, runtime: Runtime) -> None:

@@ -827,7 +827,8 @@ def render_prometheus(partitions: dict[str, Any], counts: dict[str, int],
     family("retain_partition_offset", "gauge", "Last offset of the events topic processed.",
            [({"partition": p}, info.get("offset", -1)) for p, info in parts.items()])
     family("retain_messages_total", "counter", "Messages handled by this process since start.",
-           [({"kind": k}, counts.get(k, 0)) for k in ("messages", "redelivered", "batches")])
+           [({"kind": k}, counts.get(k, 0)) for k in ("messages", "redelivered", "batches",
+                                                     "rewinds", "skipped_ahead", "gaps_accepted")])
     family("retain_plugin_calls_total", "counter", "Hook calls per plugin (this process).",
            [({"plugin": r["name"]}, r["calls"]) for r in plugins])
     family("retain_plugin_failures_total", "counter",

@@ -46,9 +46,6 @@ def test_sigterm_bursts_and_rolling_restarts_of_two_workers(
     assert figures.faults == 4
 
 
-@pytest.mark.xfail(strict=False, reason="open defect (docs/reliability.md, 'Open defects'): a "
-                   "worker taking over partitions from a sizeable changelog sometimes processes "
-                   "on incomplete state; reproduced at 400 customers, not yet fixed")
 def test_a_new_worker_restores_exactly_from_the_changelogs(
     kafka_broker: str, tmp_path: Path
 ) -> None:

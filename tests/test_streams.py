@@ -626,6 +626,28 @@ def run_worker_until(broker: FakeBroker, messages: list[FakeMessage], batch: int
     return True
 
 
+def assert_broker_matches_oracle(broker: FakeBroker, oracle: Oracle) -> None:
+    """The changelogs and output topics of a fake broker hold exactly the oracle's results:
+    same facts, every signal and action (repeats allowed), every counter once."""
+    stored = latest_by_key([Message(k, v, {}, p, i) for i, (k, v, p) in
+                            enumerate(broker.topics["app-customers-changelog"])])
+    facts = {k.decode(): decode_state(decode_record(v)).facts()
+             for k, v in stored.items() if not k.startswith(b"\x00")}
+    assert_same_facts(oracle.facts, facts)
+    for topic, expected in (("signals", oracle.signal_ids), ("actions", oracle.action_ids)):
+        produced = first_per_key([Message(k, v, {}, p, i)
+                                  for i, (k, v, p) in enumerate(broker.topics[topic])])
+        assert {k.decode() for k in produced} == expected, topic
+    metas = latest_by_key([Message(k, v, {}, p, i) for i, (k, v, p) in
+                           enumerate(broker.topics["app-partition-meta-changelog"])])
+    stats: dict[str, int] = {}
+    for value in metas.values():
+        for name, n in (decode_record(value).get("stats") or {}).items():
+            stats[name] = stats.get(name, 0) + n
+    for name in ("applied", "duplicate", "signals", "actions_emitted", "actions_suppressed"):
+        assert stats.get(name, 0) == getattr(oracle.summary, name), name
+
+
 @pytest.fixture(scope="module")
 def save_steps(history: Path) -> list[tuple[int, int]]:
     """(first send, sends) of each step of each save, from a run without a crash."""
@@ -672,23 +694,7 @@ def test_a_crash_anywhere_in_a_save_loses_nothing_and_counts_nothing_twice(
     broker.crash_at = None
     assert run_worker_until(broker, messages, batch=100)
 
-    stored = latest_by_key([Message(k, v, {}, p, i) for i, (k, v, p) in
-                            enumerate(broker.topics["app-customers-changelog"])])
-    facts = {k.decode(): decode_state(decode_record(v)).facts()
-             for k, v in stored.items() if not k.startswith(b"\x00")}
-    assert_same_facts(oracle.facts, facts)
-    for topic, expected in (("signals", oracle.signal_ids), ("actions", oracle.action_ids)):
-        produced = first_per_key([Message(k, v, {}, p, i)
-                                  for i, (k, v, p) in enumerate(broker.topics[topic])])
-        assert {k.decode() for k in produced} == expected, topic
-    metas = latest_by_key([Message(k, v, {}, p, i) for i, (k, v, p) in
-                           enumerate(broker.topics["app-partition-meta-changelog"])])
-    stats: dict[str, int] = {}
-    for value in metas.values():
-        for name, n in (decode_record(value).get("stats") or {}).items():
-            stats[name] = stats.get(name, 0) + n
-    for name in ("applied", "duplicate", "signals", "actions_emitted", "actions_suppressed"):
-        assert stats.get(name, 0) == getattr(oracle.summary, name), name
+    assert_broker_matches_oracle(broker, oracle)
 
 
 def test_a_dead_letter_too_large_for_the_brokers_is_cut_rather_than_stuck() -> None:
@@ -714,3 +720,149 @@ def test_a_dead_letter_too_large_for_the_brokers_is_cut_rather_than_stuck() -> N
     assert broker.headers["dead"][0]["truncated_from"] == b"50001"
     assert broker.headers["dead"][0]["reason"].startswith(b"invalid JSON")
     assert b"c1" in broker.recovered_tables().customers.data  # the stream went on
+
+
+class SeekingConsumer:
+    """Delivers ``messages`` partition by partition, round robin, the way Faust hands them to
+    the agent, and honours the agent's seeks. ``lose`` are (partition, offset) pairs that
+    vanish on their first delivery (as Faust's cleared buffers did); after a seek,
+    ``leftovers`` messages already fetched from the old position still come first; with
+    ``ignore_first_seek`` the first seek is lost."""
+
+    def __init__(self, messages: list[FakeMessage], lose: set[tuple[int, int]] = frozenset(),
+                 leftovers: int = 0, ignore_first_seek: bool = False) -> None:
+        self.logs: dict[int, list[FakeMessage]] = {}
+        for m in messages:
+            self.logs.setdefault(m.partition, []).append(m)
+        self.position = {p: 0 for p in self.logs}  # index into the partition's log
+        self.lose = set(lose)
+        self.leftovers = leftovers
+        self.pending: dict[int, tuple[int, int]] = {}  # p -> (leftovers to go, new index)
+        self.ignore_next_seek = ignore_first_seek
+        self.seeks: list[tuple[int, int]] = []
+
+    def seek(self, p: int, offset: int) -> None:
+        self.seeks.append((p, offset))
+        if self.ignore_next_seek:
+            self.ignore_next_seek = False
+            return
+        index = next((i for i, m in enumerate(self.logs[p]) if m.offset >= offset),
+                     len(self.logs[p]))
+        self.pending[p] = (self.leftovers, index)
+
+    def next(self, p: int) -> FakeMessage | None:
+        if p in self.pending:
+            left, index = self.pending[p]
+            if left == 0 or self.position[p] >= len(self.logs[p]):
+                del self.pending[p]
+                self.position[p] = index
+            else:
+                self.pending[p] = (left - 1, index)
+        while self.position[p] < len(self.logs[p]):
+            m = self.logs[p][self.position[p]]
+            self.position[p] += 1
+            if (p, m.offset) in self.lose:
+                self.lose.discard((p, m.offset))
+                continue
+            return m
+        return None
+
+
+def consume_with_seeks(consumer: SeekingConsumer, batch: int = 50) -> tuple[FakeBroker, Any]:
+    """A worker's life over what ``consumer`` delivers, seeking when the agent asks."""
+    from types import SimpleNamespace
+
+    from retain.streams.agent import Runtime, Topics
+
+    broker = FakeBroker()
+    runtime = Runtime(SimpleNamespace(producer=broker), Settings(), broker.recovered_tables(),
+                      Topics(None, "dead", "late", "signals", "actions"))
+
+    async def consume() -> None:
+        idle = 0
+        while idle < 3:
+            delivered = False
+            for p in sorted(consumer.logs):
+                message = consumer.next(p)
+                if message is None:
+                    continue
+                delivered = True
+                rewind = runtime.add(SimpleNamespace(message=message))
+                if rewind is not None:
+                    consumer.seek(rewind.partition, rewind.offset)
+                if runtime.pending >= batch:
+                    await runtime.flush()
+            await runtime.flush()
+            for rewind in runtime.overdue_rewinds():
+                consumer.seek(rewind.partition, rewind.offset)
+            idle = 0 if delivered else idle + 1
+
+    try:
+        asyncio.run(consume())
+    finally:
+        runtime.host.close()
+    return broker, runtime
+
+
+def test_messages_faust_never_delivered_are_read_again(history: Path, oracle: Oracle) -> None:
+    """Offsets missing from what reaches the agent (a run of them, and single ones) make it
+    seek back; what comes meanwhile is skipped; the result is the oracle's."""
+    messages = partitioned(history, PARTITIONS)
+    lose = {(0, o) for o in range(40, 90)} | {(1, 7), (2, 300), (3, 0)}
+    consumer = SeekingConsumer(messages, lose=lose, leftovers=5)
+    broker, runtime = consume_with_seeks(consumer)
+    assert_broker_matches_oracle(broker, oracle)
+    assert sorted(consumer.seeks) == [(0, 40), (1, 7), (2, 300), (3, 0)]
+    assert runtime.counts["rewinds"] == 4
+    assert runtime.counts["skipped_ahead"] == 4 * 5
+    assert runtime.counts["gaps_accepted"] == 0
+
+
+def test_a_lost_seek_is_asked_again(history: Path, oracle: Oracle,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import retain.streams.agent as agent
+
+    monkeypatch.setattr(agent, "REWIND_RETRY_S", 0.0)
+    messages = partitioned(history, PARTITIONS)
+    consumer = SeekingConsumer(messages, lose={(2, 10)}, ignore_first_seek=True)
+    broker, runtime = consume_with_seeks(consumer)
+    assert_broker_matches_oracle(broker, oracle)
+    assert consumer.seeks[:2] == [(2, 10), (2, 10)]
+    assert runtime.counts["gaps_accepted"] == 0
+
+
+def test_offsets_absent_from_the_log_are_accepted_after_one_look(
+    history: Path, oracle: Oracle
+) -> None:
+    """Compaction, transaction markers or retention leave offsets out of the log itself:
+    the agent seeks back once, finds the same next offset, and goes on."""
+    messages = []
+    for m in partitioned(history, PARTITIONS):
+        shift = 0 if m.partition != 1 else (3 if m.offset >= 20 else 0) + 100
+        messages.append(FakeMessage(m.key, m.value, m.partition, m.offset + shift, m.headers))
+    consumer = SeekingConsumer(messages, leftovers=2)
+    broker, runtime = consume_with_seeks(consumer)
+    assert_broker_matches_oracle(broker, oracle)
+    assert sorted(consumer.seeks) == [(1, 0), (1, 120)]
+    assert runtime.counts["gaps_accepted"] == 2
+
+
+def test_resuming_flow_keeps_the_messages_the_agent_has_not_taken_yet() -> None:
+    """Faust empties stream buffers whenever flow resumes, also at the end of a recovery
+    when the partitions were already flowing: the agent's buffer must be spared."""
+    from retain.streams.agent import keep_buffered
+    from retain.streams.app import create_app, runtime_of
+
+    async def check() -> tuple[int, int]:
+        app = create_app(Settings.model_validate({"kafka": {"store": "memory://"}}),
+                         partitions=2)
+        ours = app.stream(runtime_of(app).topics.events)
+        other = app.stream(app.topic("another"))
+        keep_buffered(app, ours)
+        ours.channel.queue.put_nowait("fetched")
+        other.channel.queue.put_nowait("fetched")
+        app.flow_control.resume()
+        return ours.channel.queue.qsize(), other.channel.queue.qsize()
+
+    kept, cleared = asyncio.run(check())
+    assert (kept, cleared) == (1, 0)  # Faust's behaviour for the others is unchanged
