@@ -997,6 +997,6 @@ def main() -> None:
 if __name__ == "__main__":
     # Run the imported module's main, not this __main__ copy: its UserError is the class
     # the other CLI modules raise.
-    from retain.cli import main as run_installed_main
+    from retain.entry import main as run_installed_main
 
     run_installed_main()

@@ -66,6 +66,8 @@ def worker(
     if web_port is not None:
         overrides["kafka"] = {"web_port": web_port}
     cfg = cli.settings(**overrides)
+    # Until Faust installs its own handlers, SIGTERM raises retain.entry.Terminated, which
+    # the entry point turns into exit 0 for a worker: nothing was consumed yet.
     from retain.streams.topics import TopicError
     from retain.streams.worker import run_worker
 

@@ -32,7 +32,7 @@ from typing import Any
 
 from bench.common import say
 
-CLI = "from retain import cli, cli_kafka; cli_kafka.register(cli.app); cli.main()"
+CLI = "from retain.entry import main; main()"
 HOST = "127.0.0.1"
 PARTITIONS = 4
 POLL_S = 0.02

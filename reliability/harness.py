@@ -41,7 +41,7 @@ from retain.streams.topics import (
     create_topics_async,
 )
 
-CLI = "from retain import cli, cli_kafka; cli_kafka.register(cli.app); cli.main()"
+CLI = "from retain.entry import main; main()"
 LOOPBACK = "127.0.0.1"
 CAUGHT_UP_TIMEOUT_S = 180.0
 

@@ -215,9 +215,14 @@ def broker_restart(broker: Any, tmp: Path, *, restarts: int = 3, down_s: float =
 
 
 # -- 4. tiny changelog segments and compaction: restore exactly --------------------------------
+SMALL_SEGMENTS = {
+    # Smaller than a worker's batches: the brokers refuse those for good, and the worker
+    # must send such records one at a time.
+    "segment.bytes": "8192",
+}
 COMPACT_NOW = {
+    **SMALL_SEGMENTS,
     "cleanup.policy": "compact",
-    "segment.bytes": "65536",  # a batch larger than a segment is refused for good
     "segment.ms": "200",
     "min.cleanable.dirty.ratio": "0.001",
     "min.compaction.lag.ms": "0",
@@ -248,7 +253,7 @@ def alter_topic_configs(dep: Deployment, topics: list[str], configs: dict[str, s
 def compaction_restore(bootstrap: str, tmp: Path, *, customers: int = 300, days: int = 300,
                        seed: int = 4, compaction_wait_s: float = 45,
                        store: str = "rocksdb://", compact: bool = True) -> Figures:
-    """Worker A processes the first half and stops; the changelogs (64 KiB segments) are
+    """Worker A processes the first half and stops; the changelogs (8 KiB segments) are
     compacted; worker B, on a fresh data dir, restores from them and processes the rest."""
     run = Run("4-compaction-restore", bootstrap, tmp, customers=customers, days=days,
               seed=seed, store=store)
@@ -256,8 +261,7 @@ def compaction_restore(bootstrap: str, tmp: Path, *, customers: int = 300, days:
     def body(run: Run) -> Figures:
         create_topics(run.dep)
         changelogs = [run.dep.changelog(t) for t in TABLES]
-        if compact:
-            alter_topic_configs(run.dep, changelogs, COMPACT_NOW)
+        alter_topic_configs(run.dep, changelogs, COMPACT_NOW if compact else SMALL_SEGMENTS)
         half = len(run.lines) // 2
         run.producer.send(run.lines[:half])
         first = run.worker("a").start()

@@ -30,6 +30,7 @@ after ``save`` returns.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -135,43 +136,69 @@ def _newest_first(rows: list[dict[str, Any]], id_field: str) -> list[dict[str, A
 
 
 # -- delivery --------------------------------------------------------------------------
+class RecordTooLarge(RuntimeError):
+    """The brokers refuse a record even on its own: the worker cannot store its state."""
+
+
+_ONE_AT_A_TIME: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+"""Per producer, the topics whose brokers refused a batch as larger than a log segment:
+from then on their records are sent one at a time (each its own batch)."""
+
+
 async def deliver(producer: Any, records: Sequence[Record]) -> list[Any]:
     """Produce ``records`` and wait until the broker acknowledged every one.
 
     ``producer`` is the app's (``app.producer``). A failed send is retried (with the
     same key and value, so a retry can duplicate but never lose a message) until it
-    succeeds or the worker stops. Returns the ``RecordMetadata`` of each record, in order.
+    succeeds or the worker stops. A batch the brokers refuse as too large (bigger than the
+    topic's ``segment.bytes``, say) is sent again one record at a time; a record refused
+    even alone is cut if it is a set-aside copy (:func:`_truncated`), and otherwise raises
+    :class:`RecordTooLarge`. Returns the ``RecordMetadata`` of each record, in order.
     """
     records = list(records)
     results: list[Any] = [None] * len(records)
     pending = list(range(len(records)))
+    alone: set[int] = set()
+    one_at_a_time = _ONE_AT_A_TIME.setdefault(producer, set())
     attempt = 0
     while pending:
-        futures: list[Any] = []
+        together = [i for i in pending
+                    if i not in alone and records[i].topic not in one_at_a_time]
+        futures = [await _send(producer, records[i]) for i in together]
+        outcomes = dict(zip(together, await asyncio.gather(*futures, return_exceptions=True),
+                            strict=True))
         for i in pending:
-            r = records[i]
-            try:
-                futures.append(await producer.send(
-                    r.topic, r.key, r.value, r.partition, None, r.headers))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the producer refused it outright: retry below
-                futures.append(_failed(exc))
-        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+            if i not in outcomes:  # its own batch: wait for it before sending the next
+                [outcomes[i]] = await asyncio.gather(await _send(producer, records[i]),
+                                                     return_exceptions=True)
         failed = []
         wait = False
-        for i, outcome in zip(pending, outcomes, strict=True):
+        for i in pending:
+            outcome = outcomes[i]
             if isinstance(outcome, asyncio.CancelledError):
                 raise outcome
             if not isinstance(outcome, BaseException):
                 results[i] = outcome
                 continue
             failed.append(i)
-            if _too_large(outcome) and records[i].truncatable:
-                records[i] = _truncated(records[i])  # and again at once
+            record = records[i]
+            if _too_large(outcome):
+                if i in together and len(together) > 1:  # sent in a batch with others
+                    alone.add(i)
+                    if _is_batch_too_large(outcome) and record.topic not in one_at_a_time:
+                        one_at_a_time.add(record.topic)
+                        log.warning("batch larger than the topic allows: sending its "
+                                    "records one at a time", topic=record.topic)
+                elif record.truncatable:
+                    records[i] = _truncated(record)  # and again at once
+                else:
+                    raise RecordTooLarge(
+                        f"the brokers refuse a record of {len(record.value or b'')} bytes "
+                        f"for {record.topic} ({type(outcome).__name__}): raise the topic's "
+                        "max.message.bytes and segment.bytes above it") from outcome
             else:
                 wait = True
-                log.warning("produce failed, retrying", topic=records[i].topic,
+                log.warning("produce failed, retrying", topic=record.topic,
                             error=repr(outcome), attempt=attempt + 1)
         pending = failed
         if wait:
@@ -180,14 +207,30 @@ async def deliver(producer: Any, records: Sequence[Record]) -> list[Any]:
     return results
 
 
+async def _send(producer: Any, r: Record) -> Any:
+    """The future of one send; a send the producer refused outright fails that future."""
+    try:
+        return await producer.send(r.topic, r.key, r.value, r.partition, None, r.headers)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        return _failed(exc)
+
+
 async def _failed(exc: BaseException) -> Any:
     raise exc
 
 
 def _too_large(exc: BaseException) -> bool:
-    from aiokafka.errors import MessageSizeTooLargeError
+    from aiokafka.errors import MessageSizeTooLargeError, RecordListTooLargeError
 
-    return isinstance(exc, MessageSizeTooLargeError)
+    return isinstance(exc, MessageSizeTooLargeError | RecordListTooLargeError)
+
+
+def _is_batch_too_large(exc: BaseException) -> bool:
+    from aiokafka.errors import RecordListTooLargeError
+
+    return isinstance(exc, RecordListTooLargeError)
 
 
 def _truncated(record: Record) -> Record:

@@ -37,8 +37,8 @@ def run_worker(settings: Settings, *, loglevel: str | None = None) -> int:
     try:
         created = loop.run_until_complete(create_topics_async(settings))
         partitions = loop.run_until_complete(event_partitions(settings))
-    except BaseException:
-        loop.close()
+    except BaseException:  # unreachable brokers, or SIGTERM (retain.entry.Terminated)
+        _close(loop)
         raise
     new = sorted(name for name, what in created.items() if what == "created")
     if new:
@@ -57,3 +57,13 @@ def run_worker(settings: Settings, *, loglevel: str | None = None) -> int:
     finally:
         runtime_of(app).close()
     return code
+
+
+def _close(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel what is still running on ``loop`` (its ``finally`` blocks run), then close it."""
+    pending = asyncio.all_tasks(loop)
+    for task in pending:
+        task.cancel()
+    if pending:
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    loop.close()

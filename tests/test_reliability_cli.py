@@ -144,3 +144,52 @@ def test_a_huge_simulation_is_refused_clearly(store: Path) -> None:
 def test_kafka_errors_are_clear_under_python_m_too(store: Path) -> None:
     done = retain("produce", str(store / "events.jsonl"), data_dir=store / "d")
     _clear_failure(done, "cannot reach Kafka at 127.0.0.1:9")
+
+
+@pytest.mark.parametrize("after_s", [0.1, 0.5, 1.5])
+def test_sigterm_while_the_worker_is_starting_stops_it_cleanly(tmp_path: Path,
+                                                               after_s: float) -> None:
+    """Defect D: SIGTERM before Faust installs its handlers (imports, topic checks) used to
+    kill the worker with -15; it is a clean stop, exit 0, like a SIGTERM later on."""
+    import signal
+    import socket
+    import time
+
+    # A "broker" that accepts connections and never answers: the worker waits on it.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RETAIN_")}
+        env.update({"RETAIN_DATA_DIR": str(tmp_path / "d"),
+                    "RETAIN_CONFIG": str(tmp_path / "no-config.toml"),
+                    "RETAIN_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{silent.getsockname()[1]}"})
+        proc = subprocess.Popen([sys.executable, "-m", "retain", "worker"], env=env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        time.sleep(after_s)
+        assert proc.poll() is None, "the worker should still be waiting for the broker"
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, (proc.returncode, stderr.decode(errors="replace"))
+    assert b"Traceback" not in stderr
+
+
+def test_sigterm_stops_other_commands_with_status_143(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    events = tmp_path / "events.jsonl"
+    with events.open("wb") as fp:
+        write_jsonl(simulate(3000, 365, 5), fp)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RETAIN_")}
+    env.update({"RETAIN_DATA_DIR": str(tmp_path / "d"),
+                "RETAIN_CONFIG": str(tmp_path / "no-config.toml")})
+    proc = subprocess.Popen([sys.executable, "-m", "retain", "run", str(events)], env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    time.sleep(2.0)
+    assert proc.poll() is None, "the run should still be going"
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, (proc.returncode, stderr.decode(errors="replace"))
+    assert b"Traceback" not in stderr

@@ -51,7 +51,8 @@ def test_a_new_worker_restores_exactly_from_the_changelogs(
 ) -> None:
     """Worker a does the first half and stops; worker b, on an empty data dir, restores the
     tables from the changelogs and does the rest (scenario 4 without waiting for the
-    cleaner; the soak also compacts 64 KiB segments first)."""
+    cleaner). The changelogs have 8 KiB segments, smaller than a batch, so the worker must
+    send records one at a time (defect C)."""
     figures = scenarios.compaction_restore(kafka_broker, tmp_path, customers=400, days=300,
                                            seed=4, store="memory://", compact=False)
     _check(figures)

@@ -19,15 +19,8 @@ CHARTS = ("retention", "cohorts", "lifecycle", "nps", "actions")
 SECTIONS = ("summary", "retention", "cohorts", "lifecycle", "nps", "at-risk", "actions")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
-# The lead wires report.register() into cli.py; until then (and after) this registers the
-# command exactly once, and runs the real entry point so errors print as users see them.
-_ENTRY = """
-import sys
-from retain import cli, report
-if not any(c.name == "report" for c in cli.app.registered_commands):
-    report.register(cli.app)
-cli.main()
-"""
+# The real entry point, so errors print as users see them.
+_ENTRY = "from retain.entry import main; main()"
 
 
 def retain(data_dir: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -37,7 +37,7 @@ from retain.streams.tables import decode_record, decode_state
 from retain.streams.topics import CUSTOMERS_TABLE, META_TABLE, changelog_topic, client_options
 
 PARTITIONS = 4
-CLI = "from retain import cli, cli_kafka; cli_kafka.register(cli.app); cli.main()"
+CLI = "from retain.entry import main; main()"
 CAUGHT_UP_TIMEOUT_S = 90.0
 
 
@@ -514,12 +514,17 @@ class FakeTable:
 class FakeBroker:
     """Topics as lists; ``crash_at`` kills the producer at its n-th send."""
 
-    def __init__(self, max_bytes: int | None = None) -> None:
+    def __init__(self, max_bytes: int | None = None, segment_bytes: int | None = None) -> None:
         self.topics: dict[str, list[tuple[bytes | None, bytes | None, int]]] = {}
         self.headers: dict[str, list[Any]] = {}
         self.sends = 0
         self.crash_at: int | None = None
         self.max_bytes = max_bytes
+        # Sends to a topic not yet settled form one batch, refused whole if it is larger
+        # than segment_bytes (as Kafka does with RecordListTooLargeError).
+        self.segment_bytes = segment_bytes
+        self.inflight: dict[str, list[tuple[Any, tuple[Any, ...]]]] = {}
+        self.refused_batches = 0
 
     async def send(self, topic: str, key: bytes | None, value: bytes | None,
                    partition: int | None, timestamp: Any, headers: Any) -> Any:
@@ -534,13 +539,38 @@ class FakeBroker:
         if self.max_bytes is not None and len(value or b"") > self.max_bytes:
             future.set_exception(MessageSizeTooLargeError())
             return future
+        if self.segment_bytes is not None:
+            batch = self.inflight.setdefault(topic, [])
+            if not batch:
+                asyncio.get_running_loop().call_soon(self._settle, topic)
+            batch.append((future, (key, value, partition, headers)))
+            return future
+        future.set_result(self._append(topic, key, value, partition, headers))
+        return future
+
+    def _settle(self, topic: str) -> None:
+        from aiokafka.errors import RecordListTooLargeError
+
+        batch = self.inflight.pop(topic)
+        assert self.segment_bytes is not None
+        if sum(len(args[1] or b"") for _, args in batch) > self.segment_bytes:
+            self.refused_batches += 1
+            for future, _ in batch:
+                future.set_exception(RecordListTooLargeError())
+            return
+        for future, args in batch:
+            future.set_result(self._append(topic, *args))
+
+    def _append(self, topic: str, key: bytes | None, value: bytes | None,
+                partition: int | None, headers: Any) -> Any:
+        from types import SimpleNamespace
+
         log = self.topics.setdefault(topic, [])
         log.append((key, value, partition or 0))
         self.headers.setdefault(topic, []).append(dict(headers or []))
-        future.set_result(SimpleNamespace(
+        return SimpleNamespace(
             topic_partition=SimpleNamespace(topic=topic, partition=partition or 0),
-            offset=len(log) - 1))
-        return future
+            offset=len(log) - 1)
 
     def recovered_tables(self) -> Any:
         """What a restarted worker's tables hold: their changelogs, replayed."""
@@ -768,13 +798,14 @@ class SeekingConsumer:
         return None
 
 
-def consume_with_seeks(consumer: SeekingConsumer, batch: int = 50) -> tuple[FakeBroker, Any]:
+def consume_with_seeks(consumer: SeekingConsumer, batch: int = 50,
+                       broker: FakeBroker | None = None) -> tuple[FakeBroker, Any]:
     """A worker's life over what ``consumer`` delivers, seeking when the agent asks."""
     from types import SimpleNamespace
 
     from retain.streams.agent import Runtime, Topics
 
-    broker = FakeBroker()
+    broker = broker or FakeBroker()
     runtime = Runtime(SimpleNamespace(producer=broker), Settings(), broker.recovered_tables(),
                       Topics(None, "dead", "late", "signals", "actions"))
 
@@ -866,3 +897,33 @@ def test_resuming_flow_keeps_the_messages_the_agent_has_not_taken_yet() -> None:
 
     kept, cleared = asyncio.run(check())
     assert (kept, cleared) == (1, 0)  # Faust's behaviour for the others is unchanged
+
+
+def test_batches_larger_than_a_segment_are_sent_one_record_at_a_time(
+    history: Path, oracle: Oracle
+) -> None:
+    """Brokers refuse a batch bigger than the topic's segment.bytes for good: the records
+    go one at a time, and nothing is lost or counted twice."""
+    broker = FakeBroker(segment_bytes=8192)
+    broker, _ = consume_with_seeks(SeekingConsumer(partitioned(history, PARTITIONS)),
+                                   broker=broker)
+    assert broker.refused_batches > 0
+    assert_broker_matches_oracle(broker, oracle)
+
+
+def test_a_record_larger_than_a_segment_stops_the_worker_with_a_clear_error() -> None:
+    from types import SimpleNamespace
+
+    from retain.streams.agent import Runtime, Topics
+    from retain.streams.tables import RecordTooLarge
+
+    broker = FakeBroker(segment_bytes=200)
+    runtime = Runtime(SimpleNamespace(producer=broker), Settings(), broker.recovered_tables(),
+                      Topics(None, "dead", "late", "signals", "actions"))
+    good = orjson.dumps(_event("c1", "e1", 1))
+    runtime.add(SimpleNamespace(message=FakeMessage(b"c1", good, 0, 0, None)))
+    try:
+        with pytest.raises(RecordTooLarge, match="segment.bytes"):
+            asyncio.run(asyncio.wait_for(runtime.flush(), 30))
+    finally:
+        runtime.host.close()

@@ -35,7 +35,7 @@ pytestmark = pytest.mark.kafka
 
 PARTITIONS = 4
 TOKEN = "test-token-0123456789"
-CLI = "from retain import cli; cli.main()"
+CLI = "from retain.entry import main; main()"
 READY_TIMEOUT_S = 90.0
 
 
