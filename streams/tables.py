@@ -370,7 +370,10 @@ class TableStore:
         p = self._writable()
         rows = []
         if self._offset >= 0 and self._stats is not None:
-            record = {"o": self._offset, "p": p, "stats": self._stats}
+            # Never lower: after a crash between the steps of a save, the stored counters
+            # can already include messages beyond this batch (counted, not yet stored as
+            # done); a lower offset would let them be counted again.
+            record = {"o": max(self._offset, self._stats_offset), "p": p, "stats": self._stats}
             rows.append(Change(META_TABLE, stats_key(p), encode_json(record)))
         for table, cid in sorted(self._dirty_rows):
             recent = self._rows[(table, cid)]
@@ -379,7 +382,9 @@ class TableStore:
         customers = []
         for cid in sorted(self._dirty):
             state = self._states.get(cid)
-            value = None if state is None else encode_customer(state, self._offset, p)
+            # As for the counters: never lower than what the stored state already includes.
+            done = max(self._offset, self._offsets.get(cid, -1))
+            value = None if state is None else encode_customer(state, done, p)
             customers.append(Change(CUSTOMERS_TABLE, customer_key(cid), value))
         for cid, cutoff in sorted(self._erasures.items()):
             marker = {"o": self._offset, "p": p, "erased": cutoff}

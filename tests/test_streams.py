@@ -528,7 +528,6 @@ class FakeBroker:
 
     async def send(self, topic: str, key: bytes | None, value: bytes | None,
                    partition: int | None, timestamp: Any, headers: Any) -> Any:
-        from types import SimpleNamespace
 
         from aiokafka.errors import MessageSizeTooLargeError
 
@@ -707,13 +706,17 @@ CRASH_POINTS = {
 }
 
 
+@pytest.mark.parametrize("restart_batch", [100, 37])
 @pytest.mark.parametrize("point", list(CRASH_POINTS))
 def test_a_crash_anywhere_in_a_save_loses_nothing_and_counts_nothing_twice(
-    history: Path, oracle: Oracle, save_steps: list[tuple[int, int]], point: str
+    history: Path, oracle: Oracle, save_steps: list[tuple[int, int]], point: str,
+    restart_batch: int,
 ) -> None:
     """Kill the worker at a send of the outputs, the customers or the partition meta of
     a save, restart from the changelogs and get every message again: the result is the
-    oracle's, with outputs possibly repeated but never lost, and nothing counted twice."""
+    oracle's, with outputs possibly repeated but never lost, and nothing counted twice.
+    After the restart the batches may end elsewhere (the soak found counters counted twice
+    when a smaller batch saved the counters with a lower offset)."""
     step, where = CRASH_POINTS[point]
     first, sends = save_steps[3 + step]  # the second save; "step 3" is the third's first
     crash_at = first + round(where * (sends - 1))
@@ -722,7 +725,7 @@ def test_a_crash_anywhere_in_a_save_loses_nothing_and_counts_nothing_twice(
     broker.crash_at = crash_at
     assert not run_worker_until(broker, messages, batch=100)
     broker.crash_at = None
-    assert run_worker_until(broker, messages, batch=100)
+    assert run_worker_until(broker, messages, batch=restart_batch)
 
     assert_broker_matches_oracle(broker, oracle)
 
