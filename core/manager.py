@@ -267,12 +267,16 @@ class PluginHost:
             elapsed = (time.perf_counter() - started) * 1000
             health.calls += 1
             health.total_ms += elapsed
-        if elapsed > budget_ms:
-            health.slow_calls += 1
-            log.warning("plugin slow", plugin=impl.plugin, hook=hook, ms=round(elapsed, 1),
-                        budget_ms=budget_ms)
         if self.trace:
             log.debug("hook call", plugin=impl.plugin, hook=hook, ms=round(elapsed, 3))
+        if elapsed > budget_ms:
+            # A sync call cannot be cut short, but it can count: its result is used, and
+            # the streak of over-budget calls disables the plugin like failures would.
+            health.slow_calls += 1
+            self._failed(impl.plugin, hook, health, TimeoutError(
+                f"took {elapsed:.0f} ms, over the {budget_ms} ms budget"))
+            health.streak_before_call = health.consecutive_failures
+            return True, value
         health.streak_before_call = health.consecutive_failures
         health.consecutive_failures = 0
         return True, value
@@ -280,7 +284,8 @@ class PluginHost:
     def _failed(self, plugin: str, hook: str, health: PluginHealth, exc: BaseException) -> None:
         health.failures += 1
         health.consecutive_failures += 1
-        reason = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
+        reason = (str(exc) or "timed out") if isinstance(exc, TimeoutError) \
+            else f"{type(exc).__name__}: {exc}"
         health.last_error = reason
         log.error("plugin failed", plugin=plugin, hook=hook, error=reason,
                   consecutive=health.consecutive_failures)

@@ -136,14 +136,41 @@ def test_only_consecutive_failures_disable_a_plugin(settings: Settings) -> None:
     assert result.health["Flaky"].disabled is None
 
 
-def test_a_slow_sync_plugin_is_flagged_and_the_builtins_act_the_same(settings: Settings) -> None:
+def test_a_sync_plugin_always_over_its_budget_is_disabled_and_the_builtins_act_the_same(
+    settings: Settings,
+) -> None:
+    """A sync call cannot be cut short, but consecutive calls over the budget count as
+    failures (defect B): the plugin is disabled instead of slowing the stream for good."""
     settings.plugins.time_budget_ms = 10
     baseline = run(settings)
     result = run(settings, Sluggish())
 
     assert builtin_decisions(result) == builtin_decisions(baseline)
-    assert result.health["Sluggish"].slow_calls >= 1
-    assert result.health["Sluggish"].disabled is None
+    health = result.health["Sluggish"]
+    assert health.slow_calls == settings.plugins.failure_limit
+    assert health.disabled is not None and "over the 10 ms budget" in health.disabled
+
+
+class SometimesSlow:
+    """Over its budget on every other call only: never enough in a row to be disabled."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    @hookimpl
+    def retain_react_to_event(self, event: AnyEvent) -> list[Action] | None:
+        self.calls += 1
+        if self.calls % 2:
+            time.sleep(0.03)
+        return None
+
+
+def test_a_plugin_slow_now_and_then_is_flagged_but_stays_enabled(settings: Settings) -> None:
+    settings.plugins.time_budget_ms = 10
+    result = run(settings, SometimesSlow())
+    health = result.health["SometimesSlow"]
+    assert health.slow_calls >= 3
+    assert health.disabled is None
 
 
 def test_a_hanging_async_plugin_is_cancelled_at_the_budget_and_disabled(
