@@ -20,6 +20,7 @@ import platform
 import sys
 import tempfile
 import time
+import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -96,13 +97,20 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"-- {name} {kwargs}", file=sys.stderr, flush=True)
                 fn = scenarios.SCENARIOS[name]
                 tmp = root / name
-                if name == "embedded":
-                    figures = fn(tmp, **kwargs)
-                elif name == "broker":
-                    figures = fn(broker, tmp, **kwargs)
-                else:
-                    assert broker is not None
-                    figures = fn(broker.bootstrap_servers, tmp, **kwargs)
+                scenario_started = time.monotonic()
+                try:
+                    if name == "embedded":
+                        figures = fn(tmp, **kwargs)
+                    elif name == "broker":
+                        figures = fn(broker, tmp, **kwargs)
+                    else:
+                        assert broker is not None
+                        figures = fn(broker.bootstrap_servers, tmp, **kwargs)
+                except Exception as exc:  # one broken scenario must not lose the others' figures
+                    traceback.print_exc()
+                    figures = Figures(name, seconds=round(time.monotonic() - scenario_started, 1))
+                    figures.notes.append(f"FAILED: {type(exc).__name__}: {exc}"[:3000])
+                    figures.settle()
                 results.append(figures)
                 for note in figures.notes:
                     print(f"   {note}", file=sys.stderr, flush=True)
