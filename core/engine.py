@@ -256,7 +256,7 @@ class Engine:
             apply_policy(action, state, self.settings.policy, self._filter)
             self.stats[f"actions_{action.status}"] += 1
             if action.status == "suppressed":
-                log.info("action suppressed", customer_id=state.customer_id, plugin=plugin,
+                log.debug("action suppressed", customer_id=state.customer_id, plugin=plugin,
                          kind=action.kind, reason=action.reason)
             outcome.actions.append(action)
             if self.host.implementations("retain_observe_action"):

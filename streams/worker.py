@@ -49,6 +49,10 @@ def run_worker(settings: Settings, *, loglevel: str | None = None) -> int:
     (settings.data_dir / "worker").mkdir(parents=True, exist_ok=True)
     app = create_app(settings, partitions=partitions)
     worker = faust.Worker(app, loglevel=level, loop=loop, quiet=True)
+    # Faust's progress spinner sets the root logger to DEBUG (and spins per record) when
+    # the level is WARNING or above: every debug line of aiokafka, one per message sent,
+    # was then built and handled. No spinner: the level means what it says.
+    worker.spinner = None
     code = 0
     try:
         worker.execute_from_commandline()
