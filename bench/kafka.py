@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import kafkaharness as kh
-from bench.common import RESULTS_DIR, Report, Row, say, write_events
+from bench.common import RESULTS_DIR, Report, Row, say
 
 SIZES: dict[str, dict[str, Any]] = {
     "quick": {"events": 20_000, "baseline_passes": 3, "profile_s": 20},
@@ -30,17 +30,14 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 TARGET_RATE = 20_000.0
 TARGET_RATIO = 0.25
-WORKER_TIMEOUT_S = 600.0
 
 
 def run(size: str, tmp: Path, budget: float | None) -> Report:
     sizes = SIZES[size]
     report = Report("kafka", size, dict(sizes))
-    events = tmp / "events.jsonl"
-    report.details["input"] = write_events(events, sizes["events"])
-    with kh.broker(tmp) as bootstrap:
-        dep = kh.make_deployment(bootstrap, tmp, "bk")
-        produced = kh.produce_file(dep, events)
+    with kh.filled_topic(tmp, "events", sizes["events"], "bk") as filled:
+        dep, produced = filled.dep, filled.produced
+        report.details["input"] = filled.written
         total = produced["produced"]
         report.details["produced"] = produced
         say(f"produced {total} events to {dep.events} in {produced['seconds']}s")
@@ -52,7 +49,7 @@ def run(size: str, tmp: Path, budget: float | None) -> Report:
         report.details["baseline_passes"] = passes
         say(f"raw consumer: {base_rate:,.0f}/s")
 
-        measured = measure_worker(dep, total, "throughput")
+        measured = kh.measure_worker(dep, total, "throughput")
         report.details["worker"] = measured
         rate = measured["rate"]["per_second"]
         say(f"worker: {rate:,.0f} events/s")
@@ -81,18 +78,6 @@ def run(size: str, tmp: Path, budget: float | None) -> Report:
                    note=f"median of {len(passes)} passes: "
                         + ", ".join(f"{p['messages'] / p['first_to_last_s']:,.0f}/s" for p in passes)))
     return report
-
-
-def measure_worker(dep: kh.Deployment, total: int, label: str) -> dict[str, Any]:
-    with kh.running(dep, label) as worker:
-        ready = worker.wait_ready()
-        samples = worker.wait_messages(total, WORKER_TIMEOUT_S)
-        rate = kh.rate_between(samples, total)
-        health = worker.health() or {}
-        return {"ready_s": round(ready, 2), "rate": rate,
-                "start_to_done_s": round(samples[-1].t - worker.started, 2),
-                "batches": health.get("batches"), "rss_bytes": worker.rss(),
-                "cpu_s_total": worker.cpu_s()}
 
 
 def profile_worker(dep: kh.Deployment, total: int, seconds: float, size: str) -> dict[str, Any]:

@@ -3,9 +3,14 @@
 Everything runs on loopback. The broker is a :class:`retain.streams.localbroker.LocalBroker`
 in the benchmark's temp dir, started and stopped by the benchmark; every deployment has
 its own app id, topics and web port, so benchmarks never see each other's data. A worker
-is ``retain worker`` in a subprocess (as in production and in tests/test_streams.py); the
+is ``retain worker`` in a subprocess (as in production and in the Kafka tests); the
 benchmark reads its progress from ``GET /health`` (``messages``: input messages whose
 effects are saved) and its resident set and CPU time from ``/proc/PID``.
+
+What the tests and the soak do the same way (topic names and environment of a deployment,
+starting a worker process, free ports, listing partitions, reading topics from the start)
+comes from ``reliability/harness.py``; like ``bench``, ``reliability`` is found on
+``sys.path`` when run from the repository root.
 
 Every wait is bounded by a deadline; every loop polls at a fixed interval.
 """
@@ -17,9 +22,7 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -30,11 +33,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import say
+from bench.common import say, write_events
+from reliability.harness import (
+    LOOPBACK,
+    deployment_env,
+    free_port,
+    kafka_config,
+    partitions_of,
+    reading_from_start,
+    spawn_worker,
+)
 
-CLI = "from retain.entry import main; main()"
-HOST = "127.0.0.1"
 PARTITIONS = 4
+WORKER_TIMEOUT_S = 600.0
 POLL_S = 0.02
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -54,12 +65,6 @@ def broker(tmp: Path) -> Iterator[str]:
     finally:
         local.close()
         say("broker stopped")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -109,29 +114,33 @@ class Deployment:
 
 def make_deployment(bootstrap: str, tmp: Path, prefix: str, *, kafka: dict[str, str] | None = None,
                     data: str = "data", store: str = "rocksdb://") -> Deployment:
-    from retain.core.config import Settings
-
     name = f"{prefix}-{uuid.uuid4().hex[:8]}"
-    kafka = kafka or {
-        "bootstrap_servers": bootstrap,
-        "app_id": name,
-        "events_topic": f"{name}-events",
-        "dead_letter_topic": f"{name}-dead-letters",
-        "late_topic": f"{name}-late",
-        "signals_topic": f"{name}-signals",
-        "actions_topic": f"{name}-actions",
-        "partitions": str(PARTITIONS),
-        "store": store,
-        "web_port": str(free_port()),
-    }
-    data_dir = tmp / f"{kafka['app_id']}-{data}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RETAIN_")}
-    env.update({f"RETAIN_KAFKA__{k.upper()}": v for k, v in kafka.items()})
-    env["RETAIN_DATA_DIR"] = str(data_dir)
-    env["RETAIN_CONFIG"] = str(tmp / "no-config.toml")
-    env["RETAIN_LOG_LEVEL"] = "WARNING"
-    settings = Settings.model_validate({"data_dir": data_dir, "kafka": kafka})
+    kafka = kafka or {**kafka_config(bootstrap, name, partitions=PARTITIONS, store=store),
+                      "web_port": str(free_port())}
+    env, settings = deployment_env(kafka, tmp, tmp / f"{kafka['app_id']}-{data}")
     return Deployment(name, tmp, kafka, env, settings)
+
+
+@dataclass
+class Filled:
+    """A deployment whose events topic holds simulated events, produced before anything
+    reads them; and what was written and produced."""
+
+    bootstrap: str
+    dep: Deployment
+    written: dict[str, Any]  # write_events' description of the input
+    produced: dict[str, Any]  # produce_file's answer ("produced": messages sent, ...)
+
+
+@contextmanager
+def filled_topic(tmp: Path, name: str, events: int, prefix: str) -> Iterator[Filled]:
+    """About ``events`` simulated events written to ``tmp/NAME.jsonl``, then a private broker
+    and a deployment (``prefix``) whose events topic holds them."""
+    path = tmp / f"{name}.jsonl"
+    written = write_events(path, events)
+    with broker(tmp) as bootstrap:
+        dep = make_deployment(bootstrap, tmp, prefix)
+        yield Filled(bootstrap, dep, written, produce_file(dep, path))
 
 
 @dataclass
@@ -154,13 +163,8 @@ class Worker:
 
     def __post_init__(self) -> None:
         self.log_path = self.dep.tmp / f"{self.dep.kafka['app_id']}-{self.label}.log"
-        with self.log_path.open("ab") as log:
-            self.started = time.perf_counter()
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", CLI, "worker"], env=self.dep.env, cwd=self.dep.tmp,
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self.started = time.perf_counter()
+        self.proc = spawn_worker(self.dep.env, self.dep.tmp, self.log_path)
 
     @property
     def pid(self) -> int:
@@ -175,7 +179,7 @@ class Worker:
 
     def get(self, path: str, timeout: float = 2.0) -> tuple[int, dict[str, Any]] | None:
         try:
-            with urllib.request.urlopen(f"http://{HOST}:{self.dep.port}{path}",
+            with urllib.request.urlopen(f"http://{LOOPBACK}:{self.dep.port}{path}",
                                         timeout=timeout) as response:
                 return response.status, json.loads(response.read())
         except urllib.error.HTTPError as exc:
@@ -188,7 +192,7 @@ class Worker:
 
     def text(self, path: str, timeout: float = 10.0) -> str | None:
         try:
-            with urllib.request.urlopen(f"http://{HOST}:{self.dep.port}{path}",
+            with urllib.request.urlopen(f"http://{LOOPBACK}:{self.dep.port}{path}",
                                         timeout=timeout) as response:
                 return str(response.read().decode(errors="replace"))
         except OSError:
@@ -290,6 +294,21 @@ def running(dep: Deployment, label: str = "worker") -> Iterator[Worker]:
         worker.close()
 
 
+def measure_worker(dep: Deployment, total: int, label: str,
+                   timeout: float = WORKER_TIMEOUT_S) -> dict[str, Any]:
+    """A worker started on a topic holding ``total`` messages: start to ready, and its rate
+    (:func:`rate_between`) until it has saved them all."""
+    with running(dep, label) as worker:
+        ready = worker.wait_ready()
+        samples = worker.wait_messages(total, timeout)
+        rate = rate_between(samples, total)
+        health = worker.health() or {}
+        return {"ready_s": round(ready, 2), "rate": rate,
+                "start_to_done_s": round(samples[-1].t - worker.started, 2),
+                "batches": health.get("batches"), "rss_bytes": worker.rss(),
+                "cpu_s_total": worker.cpu_s()}
+
+
 def wipe_local_state(dep: Deployment) -> None:
     """Delete the worker's local data (RocksDB and all): it must restore from changelogs."""
     shutil.rmtree(dep.data_dir, ignore_errors=True)
@@ -303,26 +322,12 @@ def produce_file(dep: Deployment, path: Path) -> dict[str, Any]:
     return produce(dep.settings, path)
 
 
-async def _partitions(dep: Deployment, topic: str) -> list[int]:
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    from retain.streams.topics import client_options
-
-    admin = AIOKafkaAdminClient(**client_options(dep.settings.kafka))
-    await admin.start()
-    try:
-        [described] = await admin.describe_topics([topic])
-        return sorted(p["partition"] for p in described["partitions"])
-    finally:
-        await admin.close()
-
-
 async def _end_offsets(dep: Deployment, topics: list[str]) -> dict[str, int]:
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     from retain.streams.topics import client_options
 
-    tps = [TopicPartition(t, p) for t in topics for p in await _partitions(dep, t)]
+    tps = [TopicPartition(t, p) for t in topics for p in await partitions_of(dep.settings, t)]
     consumer = AIOKafkaConsumer(enable_auto_commit=False, **client_options(dep.settings.kafka))
     await consumer.start()
     try:
@@ -342,17 +347,8 @@ async def _raw_consume(dep: Deployment, topics: list[str], expected: int,
                        timeout: float) -> dict[str, Any]:
     """The baseline consumer: read ``topics`` from the beginning, ``orjson.loads`` each value."""
     import orjson
-    from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    from retain.streams.topics import client_options
-
-    tps = [TopicPartition(t, p) for t in topics for p in await _partitions(dep, t)]
-    consumer = AIOKafkaConsumer(enable_auto_commit=False, max_partition_fetch_bytes=4 << 20,
-                                fetch_max_bytes=16 << 20, **client_options(dep.settings.kafka))
-    await consumer.start()
-    try:
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
+    async with reading_from_start(dep.settings, topics) as (consumer, _):
         seen = parsed = 0
         first = last = 0.0
         cpu = time.process_time()
@@ -368,8 +364,6 @@ async def _raw_consume(dep: Deployment, topics: list[str], expected: int,
                 seen += len(records)
                 last = time.perf_counter()
         cpu = time.process_time() - cpu
-    finally:
-        await consumer.stop()
     return {"messages": seen, "parsed": parsed, "first_to_last_s": last - first, "cpu_s": cpu}
 
 

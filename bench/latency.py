@@ -27,7 +27,7 @@ from typing import Any
 import orjson
 
 from bench import kafkaharness as kh
-from bench.common import EVENTS_PER_CUSTOMER_YEAR, SIM_DAYS, Report, Row, say, write_events
+from bench.common import EVENTS_PER_CUSTOMER_YEAR, SIM_DAYS, Report, Row, say
 
 SIZES: dict[str, dict[str, Any]] = {
     "quick": {"calibration_events": 6_000, "events": 4_000, "max_seconds": 30},
@@ -42,14 +42,10 @@ DRAIN_S = 60.0
 def run(size: str, tmp: Path, budget: float | None) -> Report:
     sizes = SIZES[size]
     report = Report("latency", size, dict(sizes))
-    calibration = tmp / "calibration.jsonl"
-    report.details["calibration_input"] = write_events(calibration, sizes["calibration_events"])
-    with kh.broker(tmp) as bootstrap:
-        dep = kh.make_deployment(bootstrap, tmp, "bc")
-        total = kh.produce_file(dep, calibration)["produced"]
-        with kh.running(dep, "calibration") as worker:
-            worker.wait_ready()
-            rate = kh.rate_between(worker.wait_messages(total, 600), total)
+    with kh.filled_topic(tmp, "calibration", sizes["calibration_events"], "bc") as filled:
+        report.details["calibration_input"] = filled.written
+        total = filled.produced["produced"]
+        rate = kh.measure_worker(filled.dep, total, "calibration")["rate"]
         max_rate = float(rate["per_second"])
         report.details["calibration"] = rate
         target_rate = max_rate / 2
@@ -57,7 +53,7 @@ def run(size: str, tmp: Path, budget: float | None) -> Report:
         say(f"maximum {max_rate:,.0f} events/s; sending {events} events at {target_rate:,.0f}/s")
 
         lines = latency_events(events)
-        live = kh.make_deployment(bootstrap, tmp, "bl")
+        live = kh.make_deployment(filled.bootstrap, tmp, "bl")
         with kh.running(live, "live") as worker:
             worker.wait_ready()
             got = asyncio.run(paced(live, worker, lines, target_rate))
@@ -125,7 +121,7 @@ async def paced(dep: kh.Deployment, worker: kh.Worker, lines: list[tuple[bytes, 
     from retain.streams.topics import client_options
 
     opts = client_options(dep.settings.kafka)
-    parts = await kh._partitions(dep, dep.actions)
+    parts = await kh.partitions_of(dep.settings, dep.actions)
     tps = [TopicPartition(dep.actions, p) for p in parts]
     consumer = AIOKafkaConsumer(enable_auto_commit=False, fetch_max_wait_ms=5, **opts)
     producer = AIOKafkaProducer(acks="all", enable_idempotence=True, linger_ms=0, **opts)

@@ -1,9 +1,11 @@
 """Shared machinery of the reliability scenarios: deployments, worker processes, topics,
 the embedded oracle and the comparison that turns a run into figures.
 
-Used by ``reliability.soak`` and by ``tests/test_reliability_*.py``; it imports pytest
-nowhere, so a failed expectation raises :class:`HarnessError` (an ``AssertionError``).
-Everything listens on and talks to loopback only, and every wait has a deadline.
+Used by ``reliability.soak``, by the Kafka tests (``tests/test_reliability_kafka.py``,
+``tests/test_streams.py``, ``tests/test_web.py``) and by the Kafka benchmarks
+(``bench/kafkaharness.py``); it imports pytest nowhere, so a failed expectation raises
+:class:`HarnessError` (an ``AssertionError``). Everything listens on and talks to loopback
+only, and every wait has a deadline.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -40,6 +43,9 @@ from retain.streams.topics import (
     client_options,
     create_topics_async,
 )
+
+if TYPE_CHECKING:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
 
 CLI = "from retain.entry import main; main()"
 LOOPBACK = "127.0.0.1"
@@ -72,11 +78,13 @@ class Oracle:
     summary: RunSummary
 
 
-def embedded_oracle(history: Path, data_dir: Path, settings: Settings | None = None) -> Oracle:
-    """The embedded host's answer for ``history`` (builtin plugins, no entry points)."""
+def embedded_oracle(history: Path, data_dir: Path, settings: Settings | None = None, *,
+                    entry_points: bool = False) -> Oracle:
+    """The embedded host's answer for ``history`` (builtin plugins; installed ones too with
+    ``entry_points``)."""
     cfg = settings or Settings(data_dir=data_dir)
     store = SqliteStore(cfg.store_path)
-    host = PluginHost(cfg, entry_points=False)
+    host = PluginHost(cfg, entry_points=entry_points)
     engine = Engine(cfg, store, host, sinks=[])
     try:
         summary = Runner(engine, cfg.data_dir / "rejects.jsonl").run(str(history))
@@ -108,20 +116,32 @@ class Deployment:
         return str(self.settings.kafka.events_topic)
 
 
-def new_deployment(bootstrap: str, tmp: Path, *, partitions: int = 4,
-                   store: str = "memory://", **env_extra: str) -> Deployment:
-    tmp.mkdir(parents=True, exist_ok=True)
-    name = f"r{uuid.uuid4().hex[:10]}"
-    kafka = {
+def kafka_config(bootstrap: str, name: str, *, partitions: int, store: str) -> dict[str, str]:
+    """The ``kafka`` settings of a deployment of its own: app id ``name``, topics named after it."""
+    return {
         "bootstrap_servers": bootstrap, "app_id": name,
         "events_topic": f"{name}-events", "dead_letter_topic": f"{name}-dead-letters",
         "late_topic": f"{name}-late", "signals_topic": f"{name}-signals",
         "actions_topic": f"{name}-actions", "partitions": str(partitions), "store": store,
     }
+
+
+def deployment_env(kafka: dict[str, str], tmp: Path, data_dir: Path,
+                   **env_extra: str) -> tuple[dict[str, str], Settings]:
+    """(environment of a ``retain`` process, settings as it sees them) for ``kafka``: no
+    config file, no RETAIN_* setting of the person running this, warnings only."""
     env = clean_env(RETAIN_CONFIG=str(tmp / "no-config.toml"), RETAIN_LOG_LEVEL="WARNING",
-                    RETAIN_DATA_DIR=str(tmp / "data"), **env_extra)
+                    RETAIN_DATA_DIR=str(data_dir), **env_extra)
     env.update({f"RETAIN_KAFKA__{k.upper()}": v for k, v in kafka.items()})
-    settings = Settings.model_validate({"data_dir": tmp / "data", "kafka": kafka})
+    return env, Settings.model_validate({"data_dir": data_dir, "kafka": kafka})
+
+
+def new_deployment(bootstrap: str, tmp: Path, *, partitions: int = 4,
+                   store: str = "memory://", **env_extra: str) -> Deployment:
+    tmp.mkdir(parents=True, exist_ok=True)
+    kafka = kafka_config(bootstrap, f"r{uuid.uuid4().hex[:10]}", partitions=partitions,
+                         store=store)
+    env, settings = deployment_env(kafka, tmp, tmp / "data", **env_extra)
     return Deployment(settings, env, tmp, partitions)
 
 
@@ -130,6 +150,15 @@ def create_topics(dep: Deployment) -> None:
 
 
 # -- worker processes -------------------------------------------------------------------------
+def spawn_worker(env: dict[str, str], cwd: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    """``retain worker`` in a process (and session) of its own, its output added to ``log_path``."""
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-c", CLI, "worker"], env=env, cwd=cwd,
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+
+
 class WorkerProc:
     """``retain worker`` in a process (and session) of its own, on its own port and data dir."""
 
@@ -148,11 +177,7 @@ class WorkerProc:
         return f"http://{LOOPBACK}:{self.port}"
 
     def start(self) -> WorkerProc:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", CLI, "worker"], env=self.env, cwd=self.dep.tmp,
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)
+        self.proc = spawn_worker(self.env, self.dep.tmp, self.log_path)
         self.starts += 1
         return self
 
@@ -228,7 +253,7 @@ class Message:
     offset: int
 
 
-async def _partitions(settings: Settings, topic: str) -> list[int]:
+async def partitions_of(settings: Settings, topic: str) -> list[int]:
     from aiokafka.admin import AIOKafkaAdminClient
 
     admin = AIOKafkaAdminClient(**client_options(settings.kafka))
@@ -251,7 +276,7 @@ def start_offsets(settings: Settings, topic: str) -> dict[int, int]:
 async def _offsets(settings: Settings, topic: str, *, end: bool) -> dict[int, int]:
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    tps = [TopicPartition(topic, p) for p in await _partitions(settings, topic)]
+    tps = [TopicPartition(topic, p) for p in await partitions_of(settings, topic)]
     consumer = AIOKafkaConsumer(enable_auto_commit=False, **client_options(settings.kafka))
     await consumer.start()
     try:
@@ -265,16 +290,26 @@ def read_topic(settings: Settings, topic: str) -> list[Message]:
     return asyncio.run(_read_topic(settings, topic))
 
 
-async def _read_topic(settings: Settings, topic: str) -> list[Message]:
+@asynccontextmanager
+async def reading_from_start(settings: Settings, topics: Sequence[str]
+                             ) -> AsyncIterator[tuple[AIOKafkaConsumer, list[TopicPartition]]]:
+    """A consumer assigned every partition of ``topics``, at their beginning; and those."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    tps = [TopicPartition(topic, p) for p in await _partitions(settings, topic)]
+    tps = [TopicPartition(t, p) for t in topics for p in await partitions_of(settings, t)]
     consumer = AIOKafkaConsumer(enable_auto_commit=False, max_partition_fetch_bytes=4 << 20,
                                 fetch_max_bytes=16 << 20, **client_options(settings.kafka))
     await consumer.start()
     try:
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
+        yield consumer, tps
+    finally:
+        await consumer.stop()
+
+
+async def _read_topic(settings: Settings, topic: str) -> list[Message]:
+    async with reading_from_start(settings, [topic]) as (consumer, tps):
         ends = await consumer.end_offsets(tps)
         found: list[Message] = []
         deadline = time.monotonic() + 120
@@ -285,31 +320,32 @@ async def _read_topic(settings: Settings, topic: str) -> list[Message]:
                 found.extend(Message(r.key, r.value, dict(r.headers), r.partition, r.offset)
                              for r in records)
         return found
-    finally:
-        await consumer.stop()
 
 
 def latest_by_key(messages: Iterable[Message]) -> dict[bytes, bytes]:
-    """A compacted topic's content: the last value per key, deletions dropped."""
+    """A compacted topic's content: the last value per key, deletions dropped. Every record
+    of a compacted topic has a key (brokers refuse one without): one without is an error."""
     latest: dict[bytes, bytes | None] = {}
     for m in sorted(messages, key=lambda m: (m.partition, m.offset)):
-        if m.key is not None:
-            latest[m.key] = m.value
+        if m.key is None:
+            raise HarnessError(f"a record without a key in partition {m.partition}, "
+                               f"offset {m.offset}, of a compacted topic")
+        latest[m.key] = m.value
     return {k: v for k, v in latest.items() if v is not None}
 
 
-def stored_facts(dep: Deployment) -> dict[str, dict[str, Any]]:
-    """Every customer's facts as a recovering worker finds them: in the changelog."""
-    records = latest_by_key(read_topic(dep.settings, dep.changelog(CUSTOMERS_TABLE)))
+def changelog_facts(records: dict[bytes, bytes]) -> dict[str, dict[str, Any]]:
+    """Every customer's facts from the customers changelog's content (erasure markers
+    left out)."""
     return {key.decode(): decode_state(decode_record(value)).facts()
             for key, value in records.items() if not key.startswith(b"\x00")}
 
 
-def stored_meta(dep: Deployment) -> tuple[dict[int, int], dict[str, int]]:
-    """(done-up-to offset per partition, summed counters) from the meta changelog."""
+def changelog_meta(records: dict[bytes, bytes]) -> tuple[dict[int, int], dict[str, int]]:
+    """(done-up-to offset per partition, summed counters) from the meta changelog's content."""
     offsets: dict[int, int] = {}
     stats: dict[str, int] = {}
-    for key, value in latest_by_key(read_topic(dep.settings, dep.changelog(META_TABLE))).items():
+    for key, value in records.items():
         record = decode_record(value)
         if key.endswith(b"/stats"):
             for name, n in (record.get("stats") or {}).items():
@@ -317,6 +353,16 @@ def stored_meta(dep: Deployment) -> tuple[dict[int, int], dict[str, int]]:
         else:
             offsets[int(record["p"])] = int(record.get("o", -1))
     return offsets, stats
+
+
+def stored_facts(dep: Deployment) -> dict[str, dict[str, Any]]:
+    """Every customer's facts as a recovering worker finds them: in the changelog."""
+    return changelog_facts(latest_by_key(read_topic(dep.settings, dep.changelog(CUSTOMERS_TABLE))))
+
+
+def stored_meta(dep: Deployment) -> tuple[dict[int, int], dict[str, int]]:
+    """(done-up-to offset per partition, summed counters) from the meta changelog."""
+    return changelog_meta(latest_by_key(read_topic(dep.settings, dep.changelog(META_TABLE))))
 
 
 def processed(dep: Deployment) -> int:

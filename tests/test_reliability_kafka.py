@@ -7,17 +7,12 @@ fails with its notes: what was lost, doubled, or which check did not hold.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # reliability/ lives beside the package, not in it
-
-from reliability import scenarios  # noqa: E402
-from reliability.harness import Figures  # noqa: E402
+from reliability import scenarios
+from reliability.harness import Figures
 
 pytestmark = pytest.mark.kafka
 

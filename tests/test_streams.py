@@ -5,20 +5,17 @@ processed by a worker (a separate process, as in production) must give every cus
 same facts, and raise the same signals and emit the same actions, by id. Then the same
 must hold when the worker is stopped and killed half-way, and poison messages must end
 up in the dead-letter topic, original bytes and all, without stopping the stream.
+
+Deployments, worker processes and reading the topics come from ``reliability/harness.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,35 +24,38 @@ from typing import Any
 import orjson
 import pytest
 
+from reliability.harness import (
+    CLI,
+    Deployment,
+    Message,
+    Oracle,
+    WorkerProc,
+    changelog_facts,
+    changelog_meta,
+    embedded_oracle,
+    end_offsets,
+    first_per_key,
+    latest_by_key,
+    new_deployment,
+    produce_raw,
+    read_topic,
+    stored_facts,
+    stored_meta,
+)
+from reliability.scenarios import history_file
 from retain.core.config import Settings
-from retain.core.engine import Engine
-from retain.core.manager import PluginHost
-from retain.core.runner import Runner, RunSummary
-from retain.core.simulate import simulate, write_jsonl
-from retain.core.store import SqliteStore
-from retain.streams.tables import decode_record, decode_state
-from retain.streams.topics import CUSTOMERS_TABLE, META_TABLE, changelog_topic, client_options
 
 PARTITIONS = 4
-CLI = "from retain.entry import main; main()"
 CAUGHT_UP_TIMEOUT_S = 90.0
+STOP_TIMEOUT_S = 30.0
 
 
 # -- the oracle: the same history through the embedded host ---------------------------------
-@dataclass
-class Oracle:
-    facts: dict[str, dict[str, Any]]
-    signal_ids: set[str]
-    action_ids: set[str]
-    summary: RunSummary
-
-
 @pytest.fixture(scope="module")
 def history(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """300 customers over 200 days, delivered out of order and partly twice."""
     path = tmp_path_factory.mktemp("history") / "events.jsonl"
-    with path.open("wb") as fp:
-        write_jsonl(simulate(300, 200, 11, disorder_hours=6, duplicate_rate=0.05), fp)
+    history_file(path, 300, 200, 11, disorder_hours=6, duplicate_rate=0.05)
     return path
 
 
@@ -68,110 +68,36 @@ def oracle(history: Path, tmp_path_factory: pytest.TempPathFactory) -> Oracle:
     note on ``Engine.process`` in the streams report. Advancing after every event is the
     cadence-free answer.)
     """
-    cfg = Settings(data_dir=tmp_path_factory.mktemp("embedded"))
-    store = SqliteStore(cfg.store_path)
-    host = PluginHost(cfg)
-    engine = Engine(cfg, store, host, sinks=[])
-    try:
-        summary = Runner(engine, cfg.data_dir / "rejects.jsonl").run(str(history))
-        oracle = Oracle(
-            facts={s.customer_id: s.facts() for s in store.states()},
-            signal_ids={s["signal_id"] for s in store.signals()},
-            action_ids={a["action_id"] for a in store.actions(status="emitted")},
-            summary=summary,
-        )
-    finally:
-        engine.close()
-        host.close()
-        store.close()
+    oracle = embedded_oracle(history, tmp_path_factory.mktemp("embedded"), entry_points=True)
     assert oracle.summary.late == 0 and oracle.summary.duplicate > 0
     assert oracle.signal_ids and oracle.action_ids  # the comparison means something
     return oracle
 
 
 # -- a Kafka deployment of one worker -------------------------------------------------------
-@dataclass
-class Deployment:
-    settings: Settings
-    env: dict[str, str]
-    tmp: Path
-
-    @property
-    def port(self) -> int:
-        return self.settings.kafka.web_port
-
-    def changelog(self, table: str) -> str:
-        return changelog_topic(self.settings.kafka.app_id, table)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def deployment(kafka_broker: str, tmp_path: Path) -> Deployment:
-    """Unique topics, app id and web port for one test; settings as the worker sees them."""
-    name = f"t{uuid.uuid4().hex[:10]}"
-    kafka = {
-        "bootstrap_servers": kafka_broker,
-        "app_id": name,
-        "events_topic": f"{name}-events",
-        "dead_letter_topic": f"{name}-dead-letters",
-        "late_topic": f"{name}-late",
-        "signals_topic": f"{name}-signals",
-        "actions_topic": f"{name}-actions",
-        "partitions": str(PARTITIONS),
-        "store": "memory://",
-        "web_port": str(_free_port()),
-    }
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RETAIN_")}
-    env.update({f"RETAIN_KAFKA__{k.upper()}": v for k, v in kafka.items()})
-    env["RETAIN_DATA_DIR"] = str(tmp_path / "data")
-    env["RETAIN_CONFIG"] = str(tmp_path / "no-config.toml")
-    env["RETAIN_LOG_LEVEL"] = "WARNING"
-    settings = Settings.model_validate({"data_dir": tmp_path / "data", "kafka": kafka})
-    return Deployment(settings, env, tmp_path)
+    """Unique topics and app id for one test; settings as the worker sees them."""
+    return new_deployment(kafka_broker, tmp_path, partitions=PARTITIONS)
 
 
-class Worker:
-    """``retain worker`` in a subprocess of its own."""
+class Worker(WorkerProc):
+    """``retain worker`` in a subprocess of its own, started at once, on the deployment's
+    data dir (a worker started after another finds its RocksDB state), followed through
+    its ``/health`` view."""
 
     def __init__(self, dep: Deployment, name: str = "worker") -> None:
-        self.dep = dep
-        self.log_path = dep.tmp / f"{name}.log"
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", CLI, "worker"], env=dep.env, cwd=dep.tmp,
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def log_tail(self, lines: int = 60) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def health(self) -> dict[str, Any] | None:
-        try:
-            url = f"http://127.0.0.1:{self.dep.port}/health"
-            with urllib.request.urlopen(url, timeout=2) as response:
-                data: dict[str, Any] = json.loads(response.read())
-                return data
-        except OSError:
-            return None
+        super().__init__(dep, name, env={"RETAIN_DATA_DIR": dep.env["RETAIN_DATA_DIR"]})
+        self.start()
 
     def processed(self) -> int:
         """Messages of the events topic whose effects are stored (from the health view)."""
         health = self.health() or {"partitions": {}}
         return sum(p["offset"] + 1 for p in health["partitions"].values())
 
-    def check_alive(self) -> None:
-        if self.proc.poll() is not None:
-            pytest.fail(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
-
     def wait_until_caught_up(self) -> dict[str, Any]:
         """Until every message of the events topic (and any it re-sent) is processed."""
-        topic = self.dep.settings.kafka.events_topic
+        topic = self.dep.events_topic
         deadline = time.monotonic() + CAUGHT_UP_TIMEOUT_S
         while time.monotonic() < deadline:
             self.check_alive()
@@ -194,23 +120,6 @@ class Worker:
             time.sleep(0.05)
         pytest.fail(f"the worker did not process {at_least} messages:\n{self.log_tail()}")
 
-    def terminate(self, timeout: float = 30) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            pytest.fail(f"the worker ignored SIGTERM for {timeout}s:\n{self.log_tail()}")
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.kill()
-
 
 @pytest.fixture
 def workers() -> Iterator[list[Worker]]:
@@ -220,105 +129,7 @@ def workers() -> Iterator[list[Worker]]:
         worker.close()
 
 
-# -- reading topics ---------------------------------------------------------------------------
-@dataclass
-class Message:
-    key: bytes | None
-    value: bytes | None
-    headers: dict[str, bytes]
-    partition: int
-    offset: int
-
-
-def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
-    return asyncio.run(_end_offsets(settings, topic))
-
-
-async def _partitions(settings: Settings, topic: str) -> list[int]:
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    admin = AIOKafkaAdminClient(**client_options(settings.kafka))
-    await admin.start()
-    try:
-        [described] = await admin.describe_topics([topic])
-        return sorted(p["partition"] for p in described["partitions"])
-    finally:
-        await admin.close()
-
-
-async def _end_offsets(settings: Settings, topic: str) -> dict[int, int]:
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    tps = [TopicPartition(topic, p) for p in await _partitions(settings, topic)]
-    consumer = AIOKafkaConsumer(enable_auto_commit=False, **client_options(settings.kafka))
-    await consumer.start()
-    try:
-        return {tp.partition: end for tp, end in (await consumer.end_offsets(tps)).items()}
-    finally:
-        await consumer.stop()
-
-
-def read_topic(settings: Settings, topic: str) -> list[Message]:
-    return asyncio.run(_read_topic(settings, topic))
-
-
-async def _read_topic(settings: Settings, topic: str) -> list[Message]:
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    tps = [TopicPartition(topic, p) for p in await _partitions(settings, topic)]
-    consumer = AIOKafkaConsumer(enable_auto_commit=False, max_partition_fetch_bytes=4 << 20,
-                                fetch_max_bytes=16 << 20, **client_options(settings.kafka))
-    await consumer.start()
-    try:
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
-        found: list[Message] = []
-        deadline = time.monotonic() + 60
-        while any([await consumer.position(tp) < ends[tp] for tp in tps]):
-            assert time.monotonic() < deadline, f"could not read {topic} to its end"
-            for records in (await consumer.getmany(timeout_ms=500)).values():
-                found.extend(Message(r.key, r.value, dict(r.headers), r.partition, r.offset)
-                             for r in records)
-        return found
-    finally:
-        await consumer.stop()
-
-
-def latest_by_key(messages: list[Message]) -> dict[bytes, bytes]:
-    """A compacted topic's content: the last value per key, deletions dropped."""
-    latest: dict[bytes, bytes | None] = {}
-    for m in sorted(messages, key=lambda m: (m.partition, m.offset)):
-        assert m.key is not None
-        latest[m.key] = m.value
-    return {k: v for k, v in latest.items() if v is not None}
-
-
-def stored_facts(dep: Deployment) -> dict[str, dict[str, Any]]:
-    """Every customer's facts as a recovering worker would find them: in the changelog."""
-    records = latest_by_key(read_topic(dep.settings, dep.changelog(CUSTOMERS_TABLE)))
-    return {key.decode(): decode_state(decode_record(value)).facts()
-            for key, value in records.items() if not key.startswith(b"\x00")}
-
-
-def stored_stats(dep: Deployment) -> dict[str, int]:
-    total: dict[str, int] = {}
-    for value in latest_by_key(read_topic(dep.settings, dep.changelog(META_TABLE))).values():
-        for name, n in (decode_record(value).get("stats") or {}).items():
-            total[name] = total.get(name, 0) + n
-    return total
-
-
-def first_per_key(messages: list[Message]) -> dict[bytes, bytes | None]:
-    """What a consumer that de-duplicates by key keeps; repeats must carry the same value."""
-    first: dict[bytes, bytes | None] = {}
-    for m in messages:
-        assert m.key is not None
-        kept = first.setdefault(m.key, m.value)
-        assert kept == m.value, f"{m.key!r} was produced twice with different content"
-    return first
-
-
+# -- comparing with the oracle -----------------------------------------------------------------
 def assert_same_facts(expected: dict[str, dict[str, Any]], got: dict[str, dict[str, Any]]) -> None:
     missing = sorted(set(expected) - set(got))
     extra = sorted(set(got) - set(expected))
@@ -335,12 +146,16 @@ def assert_same_facts(expected: dict[str, dict[str, Any]], got: dict[str, dict[s
 
 
 def assert_matches_oracle(dep: Deployment, oracle: Oracle) -> None:
+    """Same facts; every signal and action by id, repeats (if any) with the same content."""
     assert_same_facts(oracle.facts, stored_facts(dep))
-    signals = first_per_key(read_topic(dep.settings, dep.settings.kafka.signals_topic))
-    assert {k.decode() for k in signals} == oracle.signal_ids
-    actions = first_per_key(read_topic(dep.settings, dep.settings.kafka.actions_topic))
-    assert {k.decode() for k in actions} == oracle.action_ids
-    for key, value in actions.items():
+    kafka = dep.settings.kafka
+    kept: dict[str, dict[bytes, bytes | None]] = {}
+    for topic, expected in ((kafka.signals_topic, oracle.signal_ids),
+                            (kafka.actions_topic, oracle.action_ids)):
+        kept[topic], _, conflicting = first_per_key(read_topic(dep.settings, topic))
+        assert conflicting == 0, f"{topic}: a key produced twice with different content, or none"
+        assert {k.decode() for k in kept[topic]} == expected, topic
+    for key, value in kept[kafka.actions_topic].items():
         assert value is not None and orjson.loads(value)["action_id"] == key.decode()
 
 
@@ -366,10 +181,10 @@ def test_a_worker_computes_what_the_embedded_run_computes(
     workers.append(worker)
     health = worker.wait_until_caught_up()
     assert health["messages"] == oracle.summary.lines + PARTITIONS
-    assert worker.terminate() == 0, worker.log_tail()
+    assert worker.terminate(STOP_TIMEOUT_S) == 0, worker.log_tail()
 
     assert_matches_oracle(deployment, oracle)
-    stats = stored_stats(deployment)
+    _, stats = stored_meta(deployment)
     for name in ("applied", "duplicate", "signals", "actions_emitted", "actions_suppressed"):
         assert stats.get(name, 0) == getattr(oracle.summary, name), name
     assert stats["ticks"] == PARTITIONS
@@ -403,10 +218,10 @@ def test_poison_messages_are_dead_lettered_and_the_stream_goes_on(
     unkeyed = ok(_event("c-other", "e3", 6))
     gone = ok(_event("c-gone", "e4", 6))
     forget = ok({"type": "forget", "customer_id": "c-gone"})
-    positions = asyncio.run(_produce(deployment.settings, [
+    positions = produce_raw(deployment, [
         (customer, before), *((customer, value) for value, _ in poison), (customer, after),
         (customer, late), (None, unkeyed), (b"c-gone", gone), (b"c-gone", forget),
-    ]))
+    ])
 
     worker = Worker(deployment)
     workers.append(worker)
@@ -430,29 +245,10 @@ def test_poison_messages_are_dead_lettered_and_the_stream_goes_on(
     assert len(facts["c-poison"]["days"]) == 2  # e1 and e2
     assert "c-other" in facts  # re-keyed by its customer id, then processed
     assert "c-gone" not in facts  # erased by the forget control record
-    stats = stored_stats(deployment)
+    _, stats = stored_meta(deployment)
     assert stats["rejected"] == len(poison)
     assert stats["rekeyed"] == 1 and stats["late"] == 1 and stats["applied"] == 4
     assert stats["forgotten"] == 1
-
-
-async def _produce(settings: Settings, messages: list[tuple[bytes | None, bytes | None]]
-                   ) -> list[tuple[int, int]]:
-    from aiokafka import AIOKafkaProducer
-
-    from retain.streams.topics import create_topics_async
-
-    await create_topics_async(settings)
-    producer = AIOKafkaProducer(max_request_size=2 << 20, **client_options(settings.kafka))
-    await producer.start()
-    try:
-        positions = []
-        for key, value in messages:
-            meta = await producer.send_and_wait(settings.kafka.events_topic, value, key=key)
-            positions.append((meta.partition, meta.offset))
-        return positions
-    finally:
-        await producer.stop()
 
 
 @pytest.mark.kafka
@@ -466,7 +262,7 @@ def test_stopped_and_killed_workers_lose_nothing_and_count_nothing_twice(
     first = Worker(deployment, "first")
     workers.append(first)
     stopped_at = first.wait_until_processed(total // 5)
-    assert first.terminate() == 0, first.log_tail()  # a clean stop half-way
+    assert first.terminate(STOP_TIMEOUT_S) == 0, first.log_tail()  # a clean stop half-way
 
     second = Worker(deployment, "second")  # same data dir: RocksDB state survives
     workers.append(second)
@@ -477,10 +273,10 @@ def test_stopped_and_killed_workers_lose_nothing_and_count_nothing_twice(
     third = Worker(deployment, "third")
     workers.append(third)
     third.wait_until_caught_up()
-    assert third.terminate() == 0, third.log_tail()
+    assert third.terminate(STOP_TIMEOUT_S) == 0, third.log_tail()
 
     assert_matches_oracle(deployment, oracle)
-    stats = stored_stats(deployment)
+    _, stats = stored_meta(deployment)
     for name in ("applied", "duplicate"):
         assert stats.get(name, 0) == getattr(oracle.summary, name), name
 
@@ -571,6 +367,11 @@ class FakeBroker:
             topic_partition=SimpleNamespace(topic=topic, partition=partition or 0),
             offset=len(log) - 1)
 
+    def log(self, topic: str) -> list[Message]:
+        """A topic's records as a consumer gets them (as offset, the place in the whole
+        topic, which keeps each partition's order)."""
+        return [Message(k, v, {}, p, i) for i, (k, v, p) in enumerate(self.topics[topic])]
+
     def recovered_tables(self) -> Any:
         """What a restarted worker's tables hold: their changelogs, replayed."""
         from retain.streams.tables import Tables
@@ -658,21 +459,13 @@ def run_worker_until(broker: FakeBroker, messages: list[FakeMessage], batch: int
 def assert_broker_matches_oracle(broker: FakeBroker, oracle: Oracle) -> None:
     """The changelogs and output topics of a fake broker hold exactly the oracle's results:
     same facts, every signal and action (repeats allowed), every counter once."""
-    stored = latest_by_key([Message(k, v, {}, p, i) for i, (k, v, p) in
-                            enumerate(broker.topics["app-customers-changelog"])])
-    facts = {k.decode(): decode_state(decode_record(v)).facts()
-             for k, v in stored.items() if not k.startswith(b"\x00")}
-    assert_same_facts(oracle.facts, facts)
+    assert_same_facts(oracle.facts,
+                      changelog_facts(latest_by_key(broker.log("app-customers-changelog"))))
     for topic, expected in (("signals", oracle.signal_ids), ("actions", oracle.action_ids)):
-        produced = first_per_key([Message(k, v, {}, p, i)
-                                  for i, (k, v, p) in enumerate(broker.topics[topic])])
+        produced, _, conflicting = first_per_key(broker.log(topic))
+        assert conflicting == 0, f"{topic}: a key produced twice with different content, or none"
         assert {k.decode() for k in produced} == expected, topic
-    metas = latest_by_key([Message(k, v, {}, p, i) for i, (k, v, p) in
-                           enumerate(broker.topics["app-partition-meta-changelog"])])
-    stats: dict[str, int] = {}
-    for value in metas.values():
-        for name, n in (decode_record(value).get("stats") or {}).items():
-            stats[name] = stats.get(name, 0) + n
+    _, stats = changelog_meta(latest_by_key(broker.log("app-partition-meta-changelog")))
     for name in ("applied", "duplicate", "signals", "actions_emitted", "actions_suppressed"):
         assert stats.get(name, 0) == getattr(oracle.summary, name), name
 

@@ -5,19 +5,18 @@ worker is asked, a customer, a metric, a ranking or a history must be exactly wh
 ``retain run`` of the same file answers through ``LocalQuery``; the CLI must work through
 ``--url``; the token must be required; bad input must get a JSON error, never a traceback;
 and an erasure over HTTP must reach every query and survive a worker restart.
+
+The deployment and the worker processes come from ``reliability/harness.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +24,18 @@ from typing import Any
 
 import pytest
 
+from reliability.harness import (
+    CLI,
+    HarnessError,
+    WorkerProc,
+    clean_env,
+    free_port,
+    new_deployment,
+    prometheus_total,
+)
+from reliability.scenarios import history_file
 from retain.core.config import Settings
 from retain.core.query import LocalQuery, NotFound
-from retain.core.simulate import simulate, write_jsonl
 from retain.core.store import SqliteStore
 from retain.streams.client import HttpQuery, RemoteError
 
@@ -35,14 +43,8 @@ pytestmark = pytest.mark.kafka
 
 PARTITIONS = 4
 TOKEN = "test-token-0123456789"
-CLI = "from retain.entry import main; main()"
 READY_TIMEOUT_S = 90.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+STOP_TIMEOUT_S = 30.0
 
 
 # -- the oracle -------------------------------------------------------------------------------
@@ -50,23 +52,16 @@ def _free_port() -> int:
 def history(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """150 customers over 200 days, slightly out of order and partly twice."""
     path = tmp_path_factory.mktemp("web-history") / "events.jsonl"
-    with path.open("wb") as fp:
-        write_jsonl(simulate(150, 200, 5, disorder_hours=4, duplicate_rate=0.03), fp)
+    history_file(path, 150, 200, 5, disorder_hours=4, duplicate_rate=0.03)
     return path
-
-
-def _clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RETAIN_")}
-    env.update(extra)
-    return env
 
 
 @pytest.fixture(scope="module")
 def oracle(history: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalQuery]:
     """``retain run`` of the same file, asked through the embedded query interface."""
     data_dir = tmp_path_factory.mktemp("web-embedded")
-    env = _clean_env(RETAIN_DATA_DIR=str(data_dir),
-                     RETAIN_CONFIG=str(data_dir / "no-config.toml"))
+    env = clean_env(RETAIN_DATA_DIR=str(data_dir),
+                    RETAIN_CONFIG=str(data_dir / "no-config.toml"))
     done = subprocess.run([sys.executable, "-c", CLI, "run", str(history), "--json"], env=env,
                           capture_output=True, timeout=120)
     assert done.returncode == 0, done.stderr.decode()
@@ -77,45 +72,16 @@ def oracle(history: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 
 # -- the cluster ------------------------------------------------------------------------------
-@dataclass
-class Worker:
-    name: str
-    port: int
-    env: dict[str, str]
-    log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", CLI, "worker"], env=self.env, cwd=self.log_path.parent,
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)
+class Worker(WorkerProc):
+    """``retain worker`` of the cluster (own port and data dir), asked through HTTP."""
 
     def query(self, token: str | None = TOKEN, timeout: float = 30) -> HttpQuery:
         return HttpQuery(self.url, token=token, timeout=timeout)
 
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def check_alive(self) -> None:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            pytest.fail(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
-
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        """SIGTERM; a worker that ignores it is killed, without failing the test here."""
+        with contextlib.suppress(HarnessError):
+            self.terminate(STOP_TIMEOUT_S)
 
 
 @dataclass
@@ -157,27 +123,15 @@ class Cluster:
 def cluster(kafka_broker: str, history: Path,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     tmp = tmp_path_factory.mktemp("web-cluster")
-    name = f"w{uuid.uuid4().hex[:10]}"
-    kafka = {
-        "bootstrap_servers": kafka_broker, "app_id": name, "events_topic": f"{name}-events",
-        "dead_letter_topic": f"{name}-dead", "late_topic": f"{name}-late",
-        "signals_topic": f"{name}-signals", "actions_topic": f"{name}-actions",
-        "partitions": str(PARTITIONS), "store": "memory://", "web_token": TOKEN,
-    }
-    env = _clean_env(RETAIN_CONFIG=str(tmp / "no-config.toml"), RETAIN_LOG_LEVEL="WARNING",
-                     **{f"RETAIN_KAFKA__{k.upper()}": v for k, v in kafka.items()})
+    dep = new_deployment(kafka_broker, tmp, partitions=PARTITIONS, RETAIN_KAFKA__WEB_TOKEN=TOKEN)
+    env = dep.env
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-c", CLI, "produce", str(history), "--tick",
                            "--json"], env={**env, "RETAIN_DATA_DIR": str(tmp / "producer")},
                           capture_output=True, timeout=120)
     assert done.returncode == 0, done.stderr.decode()
     produced = json.loads(done.stdout)
-    workers = []
-    for label in ("a", "b"):
-        port = _free_port()
-        worker_env = {**env, "RETAIN_DATA_DIR": str(tmp / label),
-                      "RETAIN_KAFKA__WEB_PORT": str(port)}
-        workers.append(Worker(label, port, worker_env, tmp / f"worker-{label}.log"))
+    workers = [Worker(dep, label) for label in ("a", "b")]
     for worker in workers:
         worker.start()
     result = Cluster(env, workers, produced["produced"], produced["ticks"], tmp)
@@ -316,7 +270,7 @@ def test_the_cli_queries_the_cluster_with_url(cluster: Cluster, oracle: LocalQue
         assert done.returncode == 1, stderr
         assert message in stderr and "Traceback" not in stderr
         assert len(stderr.strip().splitlines()) == 1, stderr
-    done = subprocess.run([sys.executable, "-c", CLI, "--url", f"http://127.0.0.1:{_free_port()}",
+    done = subprocess.run([sys.executable, "-c", CLI, "--url", f"http://127.0.0.1:{free_port()}",
                            "status"], env=cluster.env, capture_output=True, timeout=60)
     assert done.returncode == 1 and b"cannot reach the worker at" in done.stderr
 
@@ -408,7 +362,7 @@ def test_prometheus_counts_what_the_cluster_did(cluster: Cluster, oracle: LocalQ
     embedded = oracle.status()
 
     def total(name: str, label: str = "") -> float:
-        return sum(v for text in texts for labels, v in _samples(text, name) if label in labels)
+        return sum(prometheus_total(text, name, label) for text in texts)
 
     assert total("retain_events_total", 'status="applied"') == embedded["stats"]["applied"]
     assert total("retain_events_total", 'status="duplicate"') == embedded["stats"]["duplicate"]
