@@ -170,7 +170,11 @@ class Settings(BaseSettings):
     sinks: list[str] = Field(
         default=["jsonl"], description="Where emitted actions go: jsonl, console, webhook, ..."
     )
-    webhook_url: str | None = Field(default=None, description="For the webhook sink.")
+    webhook_url: str | None = Field(
+        default=None,
+        description="For the webhook sink: emitted actions are POSTed here as JSON arrays at "
+        "each commit; what the receiver refuses waits in webhook-outbox.jsonl in the data dir "
+        "and is sent again first.")
     state: StateSettings = StateSettings()
     signals: SignalSettings = SignalSettings()
     policy: PolicySettings = PolicySettings()

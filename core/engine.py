@@ -22,7 +22,7 @@ from retain.core.config import Settings
 from retain.core.events import AnyEvent, epoch_ms
 from retain.core.manager import PluginHost
 from retain.core.signals import DetectContext, Detector, EventDetector, Signal, content_id
-from retain.core.sinks import Sink
+from retain.core.sinks import Sink, SinkDeliveryError
 from retain.core.state import Applied, CustomerState, apply
 from retain.core.store import Store
 
@@ -291,8 +291,16 @@ class Engine:
         return self._timers
 
     def flush_sinks(self) -> None:
+        """Called before each store commit. A sink that cannot deliver now is logged and
+        counted; a sink that keeps what it could not deliver (the webhook's outbox) sends
+        it later, and any other failure stops the commit (so nothing is lost)."""
         for sink in self.sinks:
-            sink.flush()
+            try:
+                sink.flush()
+            except SinkDeliveryError as exc:
+                log.warning("sink could not deliver; kept for later", sink=sink.name,
+                            error=str(exc))
+                self.stats["sink_failures"] += 1
 
     def forget(self, customer_id: str) -> bool:
         """Erase a customer: state, signals and actions. True if there was anything."""

@@ -24,6 +24,10 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
+class SinkDeliveryError(RuntimeError):
+    """A sink could not deliver some actions now; it kept them to deliver later."""
+
+
 class JsonlSink:
     """Append actions to a JSONL file, flushed with every store commit."""
 

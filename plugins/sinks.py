@@ -2,47 +2,125 @@
 
 from __future__ import annotations
 
+import os
+import time
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
+import structlog
 
 from retain import hookimpl
 from retain.core.config import Settings
-from retain.core.sinks import ConsoleSink, JsonlSink, Sink
+from retain.core.sinks import ConsoleSink, JsonlSink, Sink, SinkDeliveryError
+
+log = structlog.get_logger("retain.sinks")
+
+OUTBOX_FILE = "webhook-outbox.jsonl"
 
 
 class WebhookSink:
-    """POST each batch of emitted actions as a JSON array to ``webhook_url``.
+    """POST emitted actions as JSON arrays to ``webhook_url``, at least once.
 
-    Delivery is at least once; receivers de-duplicate by ``action_id``.
+    Actions are collected as they are emitted and sent when the store commits (``flush``,
+    which the runner calls just before each commit), at most ``batch`` per request. A
+    batch the receiver does not take (connection error, timeout, non-2xx answer) is kept
+    in an outbox file beside the store, together with everything after it. The outbox is
+    sent first, in order, at a later flush (backing off while the receiver stays down)
+    or in the next run. Receivers de-duplicate by ``action_id``: a batch can arrive twice,
+    but no action is dropped.
     """
 
     name = "webhook"
 
-    def __init__(self, url: str | None, timeout_s: float = 5.0) -> None:
+    def __init__(self, url: str | None, outbox: Path | None = None, timeout_s: float = 5.0,
+                 batch: int = 500, max_backoff_s: float = 300.0) -> None:
         self.url = url
+        self.outbox = outbox
         self.timeout_s = timeout_s
+        self.batch = batch
+        self.max_backoff_s = max_backoff_s
+        self._pending: list[dict[str, Any]] = []
+        self._retry_at = 0.0
+        self._failures_in_a_row = 0
 
     def emit(self, actions: list[dict[str, Any]]) -> None:
         if not self.url:
             raise RuntimeError("the webhook sink needs webhook_url (RETAIN_WEBHOOK_URL)")
-        request = urllib.request.Request(
-            self.url, data=orjson.dumps(actions), headers={"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-            response.read()
+        self._pending.extend(actions)
 
     def flush(self) -> None:
-        pass
+        """Send the outbox, then what was emitted since the last flush.
+
+        Raises :class:`SinkDeliveryError` when the receiver did not take everything; what
+        it did not take is in the outbox by then.
+        """
+        waiting = self._load_outbox()
+        if not waiting and not self._pending:
+            return
+        queue = waiting + self._pending
+        self._pending = []
+        if waiting and time.monotonic() < self._retry_at:
+            self._store_outbox(queue)  # the receiver was down a moment ago: do not hammer it
+            return
+        sent = 0
+        try:
+            while sent < len(queue):
+                self._post(queue[sent:sent + self.batch])
+                sent += min(self.batch, len(queue) - sent)
+        except (OSError, ValueError) as exc:  # urllib's errors are OSErrors
+            self._store_outbox(queue[sent:])
+            self._failures_in_a_row += 1
+            wait = min(self.max_backoff_s, 2.0 ** self._failures_in_a_row)
+            self._retry_at = time.monotonic() + wait
+            kept = len(queue) - sent
+            raise SinkDeliveryError(
+                f"webhook {self.url}: {exc}; {kept} action{'' if kept == 1 else 's'} kept in "
+                f"{self.outbox} (next try in {wait:.0f}s or later)") from exc
+        self._failures_in_a_row = 0
+        self._store_outbox([])
 
     def close(self) -> None:
         pass
+
+    def _post(self, actions: list[dict[str, Any]]) -> None:
+        request = urllib.request.Request(
+            str(self.url), data=orjson.dumps(actions),
+            headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+            response.read()  # urllib raises HTTPError (an OSError) for 4xx and 5xx
+
+    def _load_outbox(self) -> list[dict[str, Any]]:
+        if self.outbox is None or not self.outbox.exists():
+            return []
+        actions = []
+        for number, line in enumerate(self.outbox.read_bytes().splitlines(), 1):
+            try:
+                actions.append(orjson.loads(line))
+            except orjson.JSONDecodeError:
+                log.error("unreadable line in the webhook outbox, skipped",
+                          outbox=str(self.outbox), line=number)
+        return actions
+
+    def _store_outbox(self, actions: list[dict[str, Any]]) -> None:
+        if self.outbox is None:
+            return
+        if not actions:
+            self.outbox.unlink(missing_ok=True)
+            return
+        self.outbox.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.outbox.with_suffix(".tmp")
+        with tmp.open("wb") as fp:
+            fp.write(b"".join(orjson.dumps(a) + b"\n" for a in actions))
+            fp.flush()
+            os.fsync(fp.fileno())
+        os.replace(tmp, self.outbox)  # before the store commits: nothing can be lost
 
 
 @hookimpl
 def retain_register_sinks(register: Callable[[Sink], None], settings: Settings) -> None:
     register(JsonlSink(settings.actions_path))
     register(ConsoleSink())
-    register(WebhookSink(settings.webhook_url))
+    register(WebhookSink(settings.webhook_url, Path(settings.data_dir) / OUTBOX_FILE))

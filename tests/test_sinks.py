@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from retain.core.config import Settings
 from retain.core.engine import Engine
@@ -52,32 +53,89 @@ def test_jsonl_sink_gets_only_emitted_actions(tmp_path: Path) -> None:
     assert all(a["customer_id"] == "c" or a["kind"] == "award_points" for a in written)
 
 
-def test_webhook_sink_posts_batches_to_the_url() -> None:
-    received: list[Any] = []
+class Receiver:
+    """A webhook receiver on loopback that answers ``status`` (and records what it took)."""
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
-            length = int(self.headers["Content-Length"])
-            received.extend(orjson.loads(self.rfile.read(length)))
-            self.send_response(204)
-            self.end_headers()
+    def __init__(self, status: int = 204) -> None:
+        self.status = status
+        self.received: list[Any] = []
+        self.requests = 0
+        receiver = self
 
-        def log_message(self, *args: Any) -> None:
-            pass
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+                length = int(self.headers["Content-Length"])
+                body = orjson.loads(self.rfile.read(length))
+                receiver.requests += 1
+                if receiver.status < 300:
+                    receiver.received.extend(body)
+                self.send_response(receiver.status)
+                self.end_headers()
 
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/actions"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def emitted_ids(engine: Engine) -> set[str]:
+    return {a["action_id"] for a in engine.store.actions(limit=None) if a["status"] == "emitted"}
+
+
+def test_webhook_sink_posts_batches_to_the_url(tmp_path: Path) -> None:
+    receiver = Receiver()
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/actions"
-        engine = run_with(Settings(sinks=["webhook"], webhook_url=url))
+        engine = run_with(Settings(sinks=["webhook"], webhook_url=receiver.url, data_dir=tmp_path))
     finally:
-        server.shutdown()
-    emitted = {a["action_id"] for a in engine.store.actions(limit=None) if a["status"] == "emitted"}
-    assert emitted and {a["action_id"] for a in received} == emitted
+        receiver.close()
+    emitted = emitted_ids(engine)
+    assert emitted and {a["action_id"] for a in receiver.received} == emitted
+    assert receiver.requests == 1  # one batch per commit, not one request per event
+    assert not (tmp_path / "webhook-outbox.jsonl").exists()
 
 
-def test_a_failing_sink_is_counted_and_does_not_stop_the_stream() -> None:
-    engine = run_with(Settings(sinks=["webhook"], webhook_url="http://127.0.0.1:9/nowhere"))
+def test_a_failing_sink_is_counted_and_does_not_stop_the_stream(tmp_path: Path) -> None:
+    engine = run_with(Settings(sinks=["webhook"], webhook_url="http://127.0.0.1:9/nowhere",
+                               data_dir=tmp_path))
     assert engine.stats["sink_failures"] >= 1
     assert engine.store.get("c") is not None
+
+
+def test_actions_the_receiver_refused_are_kept_and_sent_first_next_time(tmp_path: Path) -> None:
+    """The receiver answers 503: the actions wait in the outbox (also across runs) and go
+    out, before newer ones, once it answers again; none is lost."""
+    from retain.core.sinks import SinkDeliveryError
+    from retain.plugins.sinks import WebhookSink
+
+    receiver = Receiver(status=503)
+    outbox = tmp_path / "webhook-outbox.jsonl"
+    try:
+        engine = run_with(Settings(sinks=["webhook"], webhook_url=receiver.url, data_dir=tmp_path))
+        first = emitted_ids(engine)
+        assert first and receiver.received == [] and engine.stats["sink_failures"] == 1
+        assert {orjson.loads(line)["action_id"] for line in outbox.read_bytes().splitlines()} \
+            == first
+
+        receiver.status = 204  # back up; a new run (a new sink) finds the outbox
+        sink = WebhookSink(receiver.url, outbox, batch=2)
+        sink.emit([{"action_id": "newer"}])
+        sink.flush()
+        assert [a["action_id"] for a in receiver.received][-1] == "newer"
+        assert {a["action_id"] for a in receiver.received} == first | {"newer"}
+        assert not outbox.exists()
+
+        receiver.status = 500  # down again: backing off keeps the order and loses nothing
+        sink.emit([{"action_id": "a"}])
+        with pytest.raises(SinkDeliveryError, match="1 action kept"):
+            sink.flush()
+        sink.emit([{"action_id": "b"}])
+        sink.flush()  # within the backoff: not even tried, only kept
+        assert [orjson.loads(x)["action_id"] for x in outbox.read_bytes().splitlines()] == ["a", "b"]
+    finally:
+        receiver.close()
