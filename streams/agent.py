@@ -266,8 +266,8 @@ class Runtime:
             self.counts["redelivered"] += 1
             return None  # already processed (before a restart, or before a rewind)
         if message.offset > expected:
-            rewind = self._ahead(p, expected, message.offset, now)
-            if rewind is not None or p in self.gaps:
+            skip, rewind = self._ahead(p, expected, message.offset, now)
+            if skip:
                 return rewind
         elif self.gaps:
             self.gaps.pop(p, None)  # the expected offset came
@@ -280,10 +280,11 @@ class Runtime:
             self._processing_failed(p, message, exc)
         return None
 
-    def _ahead(self, p: int, expected: int, offset: int, now: float) -> Rewind | None:
+    def _ahead(self, p: int, expected: int, offset: int,
+               now: float) -> tuple[bool, Rewind | None]:
         """``offset`` came while ``expected`` was due: seek back, skip, or accept the gap.
 
-        Leaves ``self.gaps[p]`` set while the message is to be skipped.
+        Returns (skip this message, the seek to ask for if any).
         """
         gap = self.gaps.get(p)
         if gap is None or gap.expected != expected:
@@ -291,20 +292,20 @@ class Runtime:
             self.counts["rewinds"] += 1
             log.warning("input offsets skipped: seeking back", partition=p, expected=expected,
                         got=offset)
-            return Rewind(p, expected)
+            return True, Rewind(p, expected)
         if offset > gap.found:  # fetched before the seek: skip, it comes again
             self.counts["skipped_ahead"] += 1
             if now - gap.asked_at >= REWIND_RETRY_S:
                 gap.asked_at = now
                 self.counts["rewinds"] += 1
-                return Rewind(p, expected)
-            return None
+                return True, Rewind(p, expected)
+            return True, None
         # Read again from ``expected``, the log starts at ``offset``: nothing is there.
         del self.gaps[p]
         self.counts["gaps_accepted"] += 1
         log.info("offsets absent from the log (compacted, transaction markers or retention)",
                  partition=p, first=expected, last=offset - 1)
-        return None
+        return False, None
 
     def overdue_rewinds(self) -> list[Rewind]:
         """Partitions sought back whose expected offset has not come for a while."""
