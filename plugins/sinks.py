@@ -43,6 +43,7 @@ class WebhookSink:
         self.batch = batch
         self.max_backoff_s = max_backoff_s
         self._pending: list[dict[str, Any]] = []
+        self._waiting: list[dict[str, Any]] | None = None  # the outbox's actions, once read
         self._retry_at = 0.0
         self._failures_in_a_row = 0
 
@@ -57,30 +58,36 @@ class WebhookSink:
         Raises :class:`SinkDeliveryError` when the receiver did not take everything; what
         it did not take is in the outbox by then.
         """
-        waiting = self._load_outbox()
-        if not waiting and not self._pending:
+        if self._waiting is None:
+            self._waiting = self._read_outbox()  # once: this process owns the data dir
+        if not self._waiting and not self._pending:
             return
-        queue = waiting + self._pending
-        self._pending = []
-        if waiting and time.monotonic() < self._retry_at:
-            self._store_outbox(queue)  # the receiver was down a moment ago: do not hammer it
+        new, self._pending = self._pending, []
+        if self._waiting and time.monotonic() < self._retry_at:
+            # The receiver was down a moment ago: do not hammer it, only keep the new ones.
+            self._append_outbox(new)
+            self._waiting += new
             return
+        queue = self._waiting + new
         sent = 0
         try:
             while sent < len(queue):
                 self._post(queue[sent:sent + self.batch])
                 sent += min(self.batch, len(queue) - sent)
         except (OSError, ValueError) as exc:  # urllib's errors are OSErrors
-            self._store_outbox(queue[sent:])
+            self._waiting = queue[sent:]
+            self._write_outbox(self._waiting)
             self._failures_in_a_row += 1
             wait = min(self.max_backoff_s, 2.0 ** self._failures_in_a_row)
             self._retry_at = time.monotonic() + wait
-            kept = len(queue) - sent
+            kept = len(self._waiting)
             raise SinkDeliveryError(
                 f"webhook {self.url}: {exc}; {kept} action{'' if kept == 1 else 's'} kept in "
                 f"{self.outbox} (next try in {wait:.0f}s or later)") from exc
+        if self._waiting and self.outbox is not None:
+            self.outbox.unlink(missing_ok=True)
+        self._waiting = []
         self._failures_in_a_row = 0
-        self._store_outbox([])
 
     def close(self) -> None:
         pass
@@ -92,23 +99,35 @@ class WebhookSink:
         with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
             response.read()  # urllib raises HTTPError (an OSError) for 4xx and 5xx
 
-    def _load_outbox(self) -> list[dict[str, Any]]:
+    def _read_outbox(self) -> list[dict[str, Any]]:
+        """The outbox left by an earlier run; lines that are not JSON are moved aside."""
         if self.outbox is None or not self.outbox.exists():
             return []
-        actions = []
-        for number, line in enumerate(self.outbox.read_bytes().splitlines(), 1):
+        actions, unreadable = [], []
+        for line in self.outbox.read_bytes().splitlines():
             try:
                 actions.append(orjson.loads(line))
             except orjson.JSONDecodeError:
-                log.error("unreadable line in the webhook outbox, skipped",
-                          outbox=str(self.outbox), line=number)
+                unreadable.append(line)
+        if unreadable:
+            aside = self.outbox.with_suffix(".unreadable")
+            with aside.open("ab") as fp:
+                fp.write(b"".join(line + b"\n" for line in unreadable))
+            log.error("unreadable lines in the webhook outbox, moved aside",
+                      outbox=str(self.outbox), lines=len(unreadable), to=str(aside))
+            self._write_outbox(actions)
         return actions
 
-    def _store_outbox(self, actions: list[dict[str, Any]]) -> None:
-        if self.outbox is None:
+    def _append_outbox(self, actions: list[dict[str, Any]]) -> None:
+        if self.outbox is None or not actions:
             return
-        if not actions:
-            self.outbox.unlink(missing_ok=True)
+        with self.outbox.open("ab") as fp:
+            fp.write(b"".join(orjson.dumps(a) + b"\n" for a in actions))
+            fp.flush()
+            os.fsync(fp.fileno())  # before the store commits: nothing can be lost
+
+    def _write_outbox(self, actions: list[dict[str, Any]]) -> None:
+        if self.outbox is None:
             return
         self.outbox.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.outbox.with_suffix(".tmp")

@@ -286,8 +286,8 @@ class Runtime:
 
         Returns (skip this message, the seek to ask for if any).
         """
-        gap = self.gaps.get(p)
-        if gap is None or gap.expected != expected:
+        gap = self.gaps.get(p)  # a gap is dropped as soon as its expected offset comes
+        if gap is None:
             self.gaps[p] = Gap(expected, offset, now)
             self.counts["rewinds"] += 1
             log.warning("input offsets skipped: seeking back", partition=p, expected=expected,

@@ -139,3 +139,18 @@ def test_actions_the_receiver_refused_are_kept_and_sent_first_next_time(tmp_path
         assert [orjson.loads(x)["action_id"] for x in outbox.read_bytes().splitlines()] == ["a", "b"]
     finally:
         receiver.close()
+
+
+def test_an_unreadable_outbox_line_is_moved_aside_and_the_rest_is_sent(tmp_path: Path) -> None:
+    from retain.plugins.sinks import WebhookSink
+
+    receiver = Receiver()
+    outbox = tmp_path / "webhook-outbox.jsonl"
+    outbox.write_bytes(b'{"action_id": "kept"}\n{"action_id": \n')
+    try:
+        WebhookSink(receiver.url, outbox).flush()
+    finally:
+        receiver.close()
+    assert [a["action_id"] for a in receiver.received] == ["kept"]
+    assert not outbox.exists()
+    assert (tmp_path / "webhook-outbox.unreadable").read_bytes() == b'{"action_id": \n'
