@@ -197,16 +197,27 @@ def spinner(label: str, enabled: Any = True) -> Iterator[None]:
 
 @contextmanager
 def progress_bar(total: int | None, label: str) -> Iterator[Callable[[int], None]]:
-    """A progress bar on a terminal; silent in pipes and CI logs."""
+    """A progress bar on a terminal; silent in pipes and CI logs.
+
+    Every update is also where a long command stops if a SIGTERM came and library code
+    swallowed its exception (retain.entry).
+    """
+    from retain.entry import stop_if_terminated
+
     if not sys.stderr.isatty() or total is None:
-        yield lambda done: None
+        yield lambda done: stop_if_terminated()
         return
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     with Progress(TextColumn(label), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                   TimeRemainingColumn(), console=err, transient=True) as bar:
         task = bar.add_task(label, total=total)
-        yield lambda done: bar.update(task, completed=done)
+
+        def advance(done: int) -> None:
+            stop_if_terminated()
+            bar.update(task, completed=done)
+
+        yield advance
 
 
 # -- embedded processing ---------------------------------------------------------------

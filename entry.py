@@ -4,6 +4,12 @@ SIGTERM is handled from the first moment, before the CLI and its dependencies ar
 imported: a command stopped while it starts (or one without a handler of its own) exits
 with :class:`Terminated` instead of dying of the signal. ``retain worker`` turns that into
 a clean exit 0 until Faust installs its own handlers.
+
+The exception alone is not enough: code we call may catch everything and drop it (the
+signal can land inside any library call), and a run then went on to the end and exited 0.
+So the handler also records the signal; long commands check it at every commit
+(:func:`stop_if_terminated`), and :func:`main` exits 143 (a worker 0) whatever the
+command returned.
 """
 
 from __future__ import annotations
@@ -24,8 +30,19 @@ class Terminated(SystemExit):
         super().__init__(128 + signal.SIGTERM)
 
 
+_terminated = False
+
+
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    global _terminated
+    _terminated = True
     raise Terminated()
+
+
+def stop_if_terminated() -> None:
+    """Raise :class:`Terminated` again if SIGTERM came and its exception was swallowed."""
+    if _terminated:
+        raise Terminated()
 
 
 def handle_sigterm() -> None:
@@ -51,8 +68,11 @@ def main() -> None:
         from retain.cli import main as cli_main
 
         cli_main()
-    except Terminated:
-        # A worker is stopped with SIGTERM: that is its normal end, whenever it comes.
-        if command_of(sys.argv[1:]) == "worker":
-            raise SystemExit(0) from None
-        raise
+    except BaseException:
+        if not _terminated:
+            raise
+    if not _terminated:
+        return
+    # SIGTERM, whether its exception got here or not. A worker is stopped with SIGTERM:
+    # that is its normal end, whenever it comes.
+    raise SystemExit(0 if command_of(sys.argv[1:]) == "worker" else Terminated().code) from None

@@ -14,6 +14,7 @@ import structlog
 
 from retain.core.config import Settings
 from retain.core.logs import configure_logging
+from retain.entry import stop_if_terminated
 from retain.streams.topics import create_topics_async, event_partitions
 
 log = structlog.get_logger("retain.streams")
@@ -55,6 +56,8 @@ def run_worker(settings: Settings, *, loglevel: str | None = None) -> int:
     worker.spinner = None
     code = 0
     try:
+        # A SIGTERM whose exception was swallowed while starting: do not start after all.
+        stop_if_terminated()
         worker.execute_from_commandline()
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
