@@ -104,9 +104,9 @@ def _main(
         if not config.is_file():
             raise UserError(f"no config file {config}")
         os.environ["RETAIN_CONFIG"] = str(config)
-    from retain.core.logs import configure_logging
+    from retain.core.logs import request_level
 
-    configure_logging("INFO" if verbose else None)
+    request_level("INFO" if verbose else None)
 
 
 def settings(**overrides: Any) -> Any:

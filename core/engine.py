@@ -15,18 +15,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-import structlog
-
 from retain.core.actions import Action, ActionBase, action_to_dict, apply_policy, stamp
 from retain.core.config import Settings
 from retain.core.events import AnyEvent, epoch_ms
+from retain.core.logs import ensure_configured, get_logger
 from retain.core.manager import PluginHost
 from retain.core.signals import DetectContext, Detector, EventDetector, Signal, content_id
 from retain.core.sinks import Sink, SinkDeliveryError
 from retain.core.state import Applied, CustomerState, apply
 from retain.core.store import Store
 
-log = structlog.get_logger("retain.engine")
+log = get_logger("retain.engine")
 
 
 @dataclass(slots=True)
@@ -49,10 +48,7 @@ class Engine:
         model: Any = None,
         sinks: Iterable[Sink] | None = None,
     ) -> None:
-        if not structlog.is_configured():
-            from retain.core.logs import configure_logging
-
-            configure_logging()
+        ensure_configured()
         self.settings = settings
         self.store = store
         self.host = host

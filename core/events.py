@@ -46,7 +46,7 @@ FEEDBACK_RANGES = {"nps": (0, 10), "csat": (1, 5)}
 
 
 class _EventBase(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True, defer_build=True)
 
     event_id: Identifier = Field(description="Unique id; the de-duplication key.")
     customer_id: Identifier
@@ -64,7 +64,7 @@ class _EventBase(BaseModel):
 
 
 class Item(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True, defer_build=True)
 
     sku: Identifier
     category: Annotated[str, Field(min_length=1, max_length=64)] = "uncategorised"
@@ -137,7 +137,7 @@ EVENT_TYPES: dict[str, type[BaseModel]] = {
     "consent": ConsentEvent,
 }
 
-_adapter: TypeAdapter[Any] = TypeAdapter(Event)
+_adapter: TypeAdapter[Any] = TypeAdapter(Event, config=ConfigDict(defer_build=True))
 
 
 class EventError(ValueError):

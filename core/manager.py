@@ -7,7 +7,6 @@ running past its time budget, never costs another plugin its call or the stream 
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import inspect
 import os
@@ -16,17 +15,20 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import pluggy
-import structlog
 from pydantic import BaseModel, ValidationError
 
 from retain import __version__
 from retain.core import hookspecs
 from retain.core.config import Settings
+from retain.core.logs import get_logger
 
-log = structlog.get_logger("retain.plugins")
+if TYPE_CHECKING:
+    import asyncio
+
+log = get_logger("retain.plugins")
 
 PROJECT = "retain"
 ENTRY_POINT_GROUP = "retain"
@@ -99,7 +101,7 @@ class HookContext:
 
     @property
     def log(self) -> Any:
-        return structlog.get_logger("retain.plugin").bind(plugin=self.plugin)
+        return get_logger("retain.plugin").bind(plugin=self.plugin)
 
 
 @dataclass(slots=True)
@@ -310,6 +312,8 @@ class PluginHost:
 
     def _run_async(self, coro: Any, budget_s: float) -> Any:
         """Run a coroutine on a private loop thread and cancel it at the time budget."""
+        import asyncio  # only hosts with async plugins pay for it
+
         if self._loop is None:
             self._loop = asyncio.new_event_loop()
             threading.Thread(target=self._loop.run_forever, name="retain-plugins",

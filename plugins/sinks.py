@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import structlog
 
 from retain import hookimpl
 from retain.core.config import Settings
+from retain.core.logs import get_logger
 from retain.core.sinks import ConsoleSink, JsonlSink, Sink, SinkDeliveryError
 
-log = structlog.get_logger("retain.sinks")
+log = get_logger("retain.sinks")
 
 OUTBOX_FILE = "webhook-outbox.jsonl"
 

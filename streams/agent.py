@@ -44,16 +44,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-import structlog
 
 from retain.core.actions import action_to_dict
 from retain.core.config import Settings
 from retain.core.engine import Engine, Outcome
 from retain.core.events import AnyEvent, EventError, decode_event, epoch_ms
+from retain.core.logs import get_logger
 from retain.core.manager import PluginHost
 from retain.streams.tables import Record, Tables, TableStore, deliver, save
 
-log = structlog.get_logger("retain.streams")
+log = get_logger("retain.streams")
 
 WALL_CLOCK_ENV = "RETAIN_WALL_CLOCK"
 """Set to 1 to also advance every partition's clock from the wall clock (live traffic

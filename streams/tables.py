@@ -36,14 +36,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-import structlog
 
+from retain.core.logs import get_logger
 from retain.core.signals import Signal
 from retain.core.state import CustomerState
 from retain.core.store import erasure_key
 from retain.streams.topics import ACTIONS_TABLE, CUSTOMERS_TABLE, META_TABLE, SIGNALS_TABLE
 
-log = structlog.get_logger("retain.streams")
+log = get_logger("retain.streams")
 
 RECENT_LIMIT = 20
 """How many signals and actions per customer the recent lists keep for queries (the

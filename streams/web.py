@@ -33,13 +33,13 @@ from typing import Any
 from urllib.parse import quote
 
 import orjson
-import structlog
 from aiohttp import ClientError, ClientTimeout, web
 from faust import Sensor
 from faust.web import View
 
 from retain.core import metrics
 from retain.core.config import Settings
+from retain.core.logs import get_logger
 from retain.core.query import (
     customer_row,
     describe_customer,
@@ -51,7 +51,7 @@ from retain.core.query import (
 from retain.streams.agent import Runtime
 from retain.streams.tables import Record, TableStore, deliver
 
-log = structlog.get_logger("retain.streams")
+log = get_logger("retain.streams")
 
 MAX_LIMIT = 10_000
 """Rows per answer at most (signals, actions, at-risk)."""

@@ -10,14 +10,12 @@ from __future__ import annotations
 import asyncio
 import os
 
-import structlog
-
 from retain.core.config import Settings
-from retain.core.logs import configure_logging
+from retain.core.logs import configure_logging, get_logger
 from retain.entry import stop_if_terminated
 from retain.streams.topics import create_topics_async, event_partitions
 
-log = structlog.get_logger("retain.streams")
+log = get_logger("retain.streams")
 
 
 def run_worker(settings: Settings, *, loglevel: str | None = None) -> int:
