@@ -24,7 +24,8 @@ skips what comes meanwhile. If the log really holds nothing there (compaction, t
 markers, retention), the re-read starts at the same later offset again, and the gap is
 accepted.
 
-Messages are processed in small batches: acknowledged to Faust by hand (the stream is
+Messages are processed in small batches, saved as soon as no further message is waiting
+(group commit, :func:`save_now`), and acknowledged to Faust by hand (the stream is
 ``noack``) only once :func:`~retain.streams.tables.save` has made the batch durable --
 signals and emitted actions (keyed by their ids) before the customers' state, the state
 before the partition's "done up to here" offset. A crash or a stop at any point can
@@ -525,12 +526,28 @@ IDLE_FLUSH_S = 0.02
 """A batch is saved as soon as no message has come for this long."""
 
 
+def save_now(pending: int, age_s: float, more_waiting: bool) -> bool:
+    """Whether to save the batch now: group commit, within size and age limits.
+
+    The batch is saved as soon as no further message is waiting in the agent's buffer. A
+    worker that keeps up saves small batches at once, so an action leaves tens of
+    milliseconds after its event. A worker that is behind always has messages waiting, and
+    saves large batches, which costs fewer round trips per message. (A fixed 250 ms age
+    alone gave p50 170-200 ms at half the maximum rate; a fixed 50 ms cut the maximum rate
+    by a third.)
+    """
+    if pending == 0:
+        return False
+    return pending >= BATCH_MAX or age_s >= BATCH_MAX_AGE_S or not more_waiting
+
+
 def install(app: Any, runtime: Runtime) -> Callable[..., Any]:
     """Register the agent, the batch flusher, the rebalance hooks and (with
     ``RETAIN_WALL_CLOCK``) the wall-clock timer."""
 
     async def retain_events(stream: Any) -> None:
         keep_buffered(app, stream)
+        waiting = stream.channel.queue
         manual = stream.noack()
         runtime.ack = manual.ack
         async for event in manual.events():
@@ -538,7 +555,7 @@ def install(app: Any, runtime: Runtime) -> Callable[..., Any]:
                 rewind = runtime.add(event)
                 if rewind is not None:
                     await runtime.rewind(rewind)
-                if runtime.pending >= BATCH_MAX or runtime.batch_age >= BATCH_MAX_AGE_S:
+                if save_now(runtime.pending, runtime.batch_age, not waiting.empty()):
                     await _flush(app, runtime)
 
     agent = app.agent(runtime.topics.events, name="retain-events", concurrency=1)(retain_events)

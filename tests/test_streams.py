@@ -723,3 +723,19 @@ def test_a_record_larger_than_a_segment_stops_the_worker_with_a_clear_error() ->
             asyncio.run(asyncio.wait_for(runtime.flush(), 30))
     finally:
         runtime.host.close()
+
+
+@pytest.mark.parametrize(("pending", "age_s", "more_waiting", "save"), [
+    (0, 9.0, False, False),   # nothing to save
+    (1, 0.0, False, True),    # keeping up: save at once, for latency
+    (1, 0.0, True, False),    # behind: let the batch grow, for throughput
+    (499, 0.2, True, False),
+    (500, 0.0, True, True),   # ... up to its size
+    (10, 0.25, True, True),   # ... and its age
+])
+def test_batches_are_saved_by_group_commit(pending: int, age_s: float, more_waiting: bool,
+                                           save: bool) -> None:
+    from retain.streams.agent import BATCH_MAX, BATCH_MAX_AGE_S, save_now
+
+    assert (BATCH_MAX, BATCH_MAX_AGE_S) == (500, 0.25)
+    assert save_now(pending, age_s, more_waiting) is save
