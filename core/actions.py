@@ -89,12 +89,14 @@ def action_to_dict(action: Action) -> dict[str, Any]:
 
 def stamp(action: Action, *, customer_id: str, strategy: str, cause: str, at_ms: int) -> Action:
     """Fill in who, why and when, and derive the idempotency key from them."""
-    action.customer_id = customer_id
-    action.strategy = strategy
-    action.cause = action.cause or cause
-    action.at_ms = at_ms
-    detail = getattr(action, "template", "") or getattr(action, "survey", "")
-    action.action_id = content_id(customer_id, strategy, action.kind, detail, action.cause)
+    values = action.__dict__  # pydantic keeps field values here; these need no validation
+    cause = values["cause"] or cause
+    detail = values.get("template") or values.get("survey") or ""
+    values["customer_id"] = customer_id
+    values["strategy"] = strategy
+    values["cause"] = cause
+    values["at_ms"] = at_ms
+    values["action_id"] = content_id(customer_id, strategy, values["kind"], detail, cause)
     return action
 
 

@@ -58,6 +58,8 @@ class Engine:
         self.detectors: list[Detector] = list(registry.items.values())
         # Only clock-driven detectors ever name a next moment; asking the others is waste.
         self.clock_detectors = [d for d in self.detectors if not isinstance(d, EventDetector)]
+        # Clock-only detectors return nothing for an arriving event; do not ask them.
+        self.event_detectors = [d for d in self.detectors if getattr(d, "on_events", True)]
         if sinks is None:
             available = host.collect("retain_register_sinks", "sink", lambda s: s.name)
             sinks = [available.items[n] for n in settings.sinks if n in available.items]
@@ -186,7 +188,7 @@ class Engine:
     def _detect(
         self, state: CustomerState, event: AnyEvent | None, now_ms: int, outcome: Outcome
     ) -> None:
-        for detector in self.detectors:
+        for detector in self.detectors if event is None else self.event_detectors:
             try:
                 proposals = detector.detect(state, event, now_ms, self.detect_ctx)
             except Exception as exc:  # a broken detector must not stop the stream
@@ -246,8 +248,9 @@ class Engine:
                 self.host.record_failure(plugin, "proposing actions", TypeError(
                     f"returned {type(proposed).__name__}, not an action"))
                 continue
-            # A copy, so a plugin that returns a shared object is not rewritten per customer.
-            action = cast(Action, proposed.model_copy())
+            # An action already stamped is a shared object returned again: stamp a copy,
+            # so the first customer's action is not rewritten for the next one.
+            action = cast(Action, proposed.model_copy() if proposed.action_id else proposed)
             stamp(action, customer_id=state.customer_id, strategy=plugin, cause=cause, at_ms=at_ms)
             apply_policy(action, state, self.settings.policy, self._filter)
             self.stats[f"actions_{action.status}"] += 1

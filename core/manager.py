@@ -11,9 +11,9 @@ import importlib
 import inspect
 import os
 import threading
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from time import perf_counter
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -120,7 +120,8 @@ class PluginHealth:
 class _Impl:
     plugin: str
     function: Callable[..., Any]
-    argnames: tuple[str, ...]
+    argnames: tuple[str, ...]  # the hook's arguments it takes, besides ctx
+    wants_ctx: bool
     is_async: bool
     health: PluginHealth
     ctx: HookContext
@@ -211,7 +212,8 @@ class PluginHost:
                 _Impl(
                     plugin=impl.plugin_name,
                     function=impl.function,
-                    argnames=tuple(impl.argnames),
+                    argnames=tuple(a for a in impl.argnames if a != "ctx"),
+                    wants_ctx="ctx" in impl.argnames,
                     is_async=inspect.iscoroutinefunction(impl.function),
                     health=self.health.setdefault(impl.plugin_name, PluginHealth()),
                     ctx=self.context(impl.plugin_name),
@@ -253,22 +255,27 @@ class PluginHost:
         ctx = impl.ctx
         ctx._customer = customer
         ctx.now_ms = now_ms
-        args = {name: (ctx if name == "ctx" else kwargs.get(name)) for name in impl.argnames}
+        args = {name: kwargs.get(name) for name in impl.argnames}
+        if impl.wants_ctx:
+            args["ctx"] = ctx
         budget_ms = self._budget_ms
-        started = time.perf_counter()
+        started = perf_counter()
         try:
             if impl.is_async:
                 value = self._run_async(impl.function(**args), budget_ms / 1000)
             else:
                 value = impl.function(**args)
         except Exception as exc:  # isolation is the point: any plugin error is contained
-            self._failed(impl.plugin, hook, health, exc)
-            return False, None
-        finally:
             ctx._customer = None
-            elapsed = (time.perf_counter() - started) * 1000
+            elapsed = (perf_counter() - started) * 1000
             health.calls += 1
             health.total_ms += elapsed
+            self._failed(impl.plugin, hook, health, exc)
+            return False, None
+        ctx._customer = None
+        elapsed = (perf_counter() - started) * 1000
+        health.calls += 1
+        health.total_ms += elapsed
         if self.trace:
             log.debug("hook call", plugin=impl.plugin, hook=hook, ms=round(elapsed, 3))
         if elapsed > budget_ms:

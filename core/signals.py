@@ -66,6 +66,8 @@ class Detector(Protocol):
     """What a signal detector provides; plugins register their own through a hook."""
 
     name: str
+    # Optional: a detector that sets ``on_events = False`` is only called when the
+    # engine wakes a customer (``event`` None), never for arriving events.
 
     def detect(
         self, state: CustomerState, event: AnyEvent | None, now_ms: int, ctx: DetectContext
@@ -142,6 +144,13 @@ class DetractorDetector(EventDetector):
 
 def lapse_due_ms(state: CustomerState, settings: SignalSettings) -> int | None:
     """When this customer counts as lapsed: k x own cadence, or the horizon for one-timers."""
+    memo = state._memo
+    cached = memo.get("lapse_due")
+    # The purchase memo is cleared whenever a purchase changes the days, so the answer
+    # only needs checking against the settings it was computed for.
+    if cached is not None and cached[0] is settings:
+        due: int | None = cached[1]
+        return due
     last = state.last_purchase_ms
     if last is None:
         return None
@@ -150,11 +159,14 @@ def lapse_due_ms(state: CustomerState, settings: SignalSettings) -> int | None:
         wait_days = float(settings.lapse_horizon_days)
     else:
         wait_days = max(settings.lapse_factor * interval, float(settings.lapse_min_days))
-    return last + int(wait_days * DAY_MS)
+    due = last + int(wait_days * DAY_MS)
+    memo["lapse_due"] = (settings, due)
+    return due
 
 
 class LapseDetector:
     name = "lapse"
+    on_events = False  # clock-driven: the engine does not call it for arriving events
 
     def detect(
         self, state: CustomerState, event: AnyEvent | None, now_ms: int, ctx: DetectContext
@@ -191,6 +203,7 @@ class SpendDeclineDetector:
     """Spend in the latest window fell below a share of the window before it."""
 
     name = "spend_decline"
+    on_events = False  # clock-driven: the engine does not call it for arriving events
 
     def detect(
         self, state: CustomerState, event: AnyEvent | None, now_ms: int, ctx: DetectContext
@@ -237,6 +250,7 @@ class PAliveDetector:
     """BG/NBD probability of being alive fell below the threshold (needs a fitted model)."""
 
     name = "p_alive"
+    on_events = False  # clock-driven: the engine does not call it for arriving events
 
     def _probability(self, state: CustomerState, now_ms: int, model: Any) -> float | None:
         if model is None:
@@ -329,6 +343,7 @@ class RiskDetector:
     """Raise once per purchase cycle when the composite risk reaches the threshold."""
 
     name = "risk"
+    on_events = False  # clock-driven: the engine does not call it for arriving events
 
     def detect(
         self, state: CustomerState, event: AnyEvent | None, now_ms: int, ctx: DetectContext

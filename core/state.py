@@ -75,13 +75,15 @@ class CustomerState:
     due_ms: int | None = None  # next time a clock-driven detector must look again
     # Derived purchase figures, computed once per change of `days` (never stored).
     _memo: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    # The outreach channel per (channels, consent) as of the last applied event.
+    _channel_memo: dict[Any, str | None] = field(default_factory=dict, repr=False, compare=False)
 
     # -- serialisation ---------------------------------------------------------------
     def to_json(self) -> bytes:
         return orjson.dumps(self.to_dict(), option=orjson.OPT_NON_STR_KEYS)
 
     def to_dict(self) -> dict[str, Any]:
-        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "_memo"}
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name[0] != "_"}
         data["v"] = STATE_FORMAT
         return data
 
@@ -107,7 +109,7 @@ class CustomerState:
     # -- derived views (never stored, so they cannot drift) -----------------------
     def _purchase_summary(self) -> dict[str, Any]:
         memo = self._memo
-        if not memo:
+        if "days" not in memo:
             days = sorted(self.days)
             records = self.days.values()
             memo["days"] = days
@@ -237,6 +239,14 @@ class CustomerState:
         """
         if consented_only and not self.consent:
             return None
+        key = (outreach, consented_only)
+        memo = self._channel_memo
+        if key in memo:
+            return memo[key]
+        chosen = memo[key] = self._choose_channel(outreach, consented_only)
+        return chosen
+
+    def _choose_channel(self, outreach: tuple[str, ...], consented_only: bool) -> str | None:
         used = [c for c in outreach if c in self.channels]
         if len(used) > 1:
             used.sort(key=lambda c: -self.channels[c])  # stable: ties keep outreach order
@@ -274,6 +284,8 @@ def apply(state: CustomerState, event: AnyEvent, lateness_ms: int) -> Applied:
     else:
         state.watermark_ms = state.first_seen_ms = ts
     state.recent_ids[event_id] = ts
+    if state._channel_memo:
+        state._channel_memo.clear()  # channels (and maybe consent) change below
 
     if event.customer_name and _latest(state.name_key, [ts, event_id]):
         state.name = event.customer_name

@@ -162,3 +162,46 @@ def test_a_moment_made_final_by_other_traffic_is_honoured_before_the_customers_e
 
     assert "lapse" in run(advance_in_between=True)
     assert run(advance_in_between=False) == run(advance_in_between=True)
+
+
+def consent(customer: str, day: float, event_id: str, channel: str, status: str) -> Any:
+    return event_from_dict({
+        "type": "consent", "event_id": event_id, "customer_id": customer,
+        "occurred_at": (START + timedelta(days=day)).isoformat(), "channel": channel,
+        "consent_channel": channel, "status": status})
+
+
+def test_outreach_follows_each_consent_change() -> None:
+    engine = make_engine()
+    engine.process(consent("c", 0, "k1", "email", "granted"))
+    engine.process(purchase("c", 1, "p1"))
+    assert engine.store.get("c").preferred_channel() == "email"
+    engine.process(consent("c", 2, "k2", "sms", "granted"))
+    engine.process(consent("c", 3, "k3", "email", "revoked"))
+    state = engine.store.get("c")
+    assert state.preferred_channel() == "sms"
+    engine.process(consent("c", 4, "k4", "sms", "revoked"))
+    assert engine.store.get("c").preferred_channel() is None
+
+
+class SharedActionPlugin:
+    """Returns one module-level object every time, as a careless plugin might."""
+
+    from retain import hookimpl
+    from retain.core.actions import OpenTicket
+
+    shared = OpenTicket(summary="same object")
+
+    @hookimpl
+    def retain_react_to_event(self, event: Any) -> Any:
+        return [self.shared]
+
+
+def test_an_action_object_returned_twice_is_stamped_per_customer() -> None:
+    engine = make_engine(("shared", SharedActionPlugin()), defaults=False)
+    first = engine.process(purchase("a", 0, "pa")).actions[0]
+    second = engine.process(purchase("b", 0, "pb")).actions[0]
+    assert (first.customer_id, second.customer_id) == ("a", "b")
+    assert first.action_id != second.action_id
+    stored = {a["customer_id"] for a in engine.store.actions(strategy="shared")}
+    assert stored == {"a", "b"}
