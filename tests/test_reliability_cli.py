@@ -2,7 +2,6 @@
 stderr and a non-zero exit, never a traceback, and never another customer's data.
 
 (The HTTP views get the same treatment in tests/test_web.py, against a real cluster.)
-Known defects outside streams/ are pinned by strict xfails: each names its fix.
 """
 
 from __future__ import annotations
