@@ -266,16 +266,13 @@ class PluginHost:
             else:
                 value = impl.function(**args)
         except Exception as exc:  # isolation is the point: any plugin error is contained
+            self._failed(impl.plugin, hook, health, exc)
+            return False, None
+        finally:
             ctx._customer = None
             elapsed = (perf_counter() - started) * 1000
             health.calls += 1
             health.total_ms += elapsed
-            self._failed(impl.plugin, hook, health, exc)
-            return False, None
-        ctx._customer = None
-        elapsed = (perf_counter() - started) * 1000
-        health.calls += 1
-        health.total_ms += elapsed
         if self.trace:
             log.debug("hook call", plugin=impl.plugin, hook=hook, ms=round(elapsed, 3))
         if elapsed > budget_ms:

@@ -75,8 +75,9 @@ class CustomerState:
     due_ms: int | None = None  # next time a clock-driven detector must look again
     # Derived purchase figures, computed once per change of `days` (never stored).
     _memo: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
-    # The outreach channel per (channels, consent) as of the last applied event.
-    _channel_memo: dict[Any, str | None] = field(default_factory=dict, repr=False, compare=False)
+    # The outreach channel per (outreach, consented_only), until the next event is applied;
+    # None until asked, so a customer nobody writes to carries no extra dict.
+    _channel_memo: dict[Any, str | None] | None = field(default=None, repr=False, compare=False)
 
     # -- serialisation ---------------------------------------------------------------
     def to_json(self) -> bytes:
@@ -241,7 +242,9 @@ class CustomerState:
             return None
         key = (outreach, consented_only)
         memo = self._channel_memo
-        if key in memo:
+        if memo is None:
+            memo = self._channel_memo = {}
+        elif key in memo:
             return memo[key]
         chosen = memo[key] = self._choose_channel(outreach, consented_only)
         return chosen
@@ -284,8 +287,7 @@ def apply(state: CustomerState, event: AnyEvent, lateness_ms: int) -> Applied:
     else:
         state.watermark_ms = state.first_seen_ms = ts
     state.recent_ids[event_id] = ts
-    if state._channel_memo:
-        state._channel_memo.clear()  # channels (and maybe consent) change below
+    state._channel_memo = None  # channels (and maybe consent) change below
 
     if event.customer_name and _latest(state.name_key, [ts, event_id]):
         state.name = event.customer_name
