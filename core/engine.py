@@ -252,7 +252,8 @@ class Engine:
             # so the first customer's action is not rewritten for the next one.
             action = cast(Action, proposed.model_copy() if proposed.action_id else proposed)
             stamp(action, customer_id=state.customer_id, strategy=plugin, cause=cause, at_ms=at_ms)
-            apply_policy(action, state, self.settings.policy, self._filter)
+            apply_policy(action, state, self.settings.policy,
+                         self._filter if self.host.implementations("retain_filter_action") else None)
             self.stats[f"actions_{action.status}"] += 1
             if action.status == "suppressed":
                 log.debug("action suppressed", customer_id=state.customer_id, plugin=plugin,

@@ -208,11 +208,18 @@ def event_json_schema(event_type: str | None = None) -> dict[str, Any]:
 
 def epoch_ms(moment: datetime) -> int:
     """Milliseconds since the epoch; the integer clock every aggregate uses."""
-    return (moment - _EPOCH) // _ONE_MS
+    global _last_converted
+    last = _last_converted
+    if last[0] is moment:  # the engine, the reducer and each strategy ask for one event's time
+        return last[1]
+    result = (moment - _EPOCH) // _ONE_MS
+    _last_converted = (moment, result)
+    return result
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MS = timedelta(milliseconds=1)
+_last_converted: tuple[datetime | None, int] = (None, 0)
 
 
 AnyEvent: TypeAlias = PurchaseEvent | FeedbackEvent | CancellationEvent | ConsentEvent

@@ -182,7 +182,7 @@ class LapseDetector:
         return [
             Proposal(
                 kind="lapse",
-                anchor=f"day{day_of(last)}",
+                anchor=state.cycle_anchor,
                 score=60 if interval is not None else 45,
                 at_ms=due,
                 evidence={
@@ -194,7 +194,7 @@ class LapseDetector:
         ]
 
     def next_due(self, state: CustomerState, ctx: DetectContext) -> int | None:
-        if state.raised.get("lapse") == f"day{day_of(state.last_purchase_ms or 0)}":
+        if state.raised.get("lapse") == state.cycle_anchor:
             return None
         return lapse_due_ms(state, ctx.settings)
 
@@ -274,7 +274,7 @@ class PAliveDetector:
         return [
             Proposal(
                 kind="p_alive",
-                anchor=f"day{day_of(state.last_purchase_ms or 0)}",
+                anchor=state.cycle_anchor,
                 score=round(100 * (1 - p)),
                 at_ms=now_ms,
                 evidence={"p_alive": round(p, 4), "threshold": ctx.settings.p_alive_threshold},
@@ -288,7 +288,7 @@ class PAliveDetector:
         from retain.core import btyd
 
         x, t_x, _, _ = state.rfm(state.watermark_ms)
-        if x == 0 or state.raised.get("p_alive") == f"day{day_of(state.last_purchase_ms or 0)}":
+        if x == 0 or state.raised.get("p_alive") == state.cycle_anchor:
             return None
         unit = 7.0 if model.time_unit == "week" else 1.0
         horizon = (t_x + 3650) / unit
@@ -356,7 +356,7 @@ class RiskDetector:
         return [
             Proposal(
                 kind="risk",
-                anchor=f"day{day_of(state.last_purchase_ms or 0)}",
+                anchor=state.cycle_anchor,
                 score=score,
                 at_ms=now_ms,
                 evidence={"components": parts},
@@ -365,7 +365,7 @@ class RiskDetector:
 
     def next_due(self, state: CustomerState, ctx: DetectContext) -> int | None:
         # Risk grows mostly with recency; checking at the lapse time catches the crossing.
-        if state.raised.get("risk") == f"day{day_of(state.last_purchase_ms or 0)}":
+        if state.raised.get("risk") == state.cycle_anchor:
             return None
         return lapse_due_ms(state, ctx.settings)
 

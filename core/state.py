@@ -12,7 +12,6 @@ import bisect
 from dataclasses import dataclass, field, fields
 from decimal import Decimal
 from enum import StrEnum
-from statistics import median
 from typing import Any
 
 import orjson
@@ -84,7 +83,7 @@ class CustomerState:
         return orjson.dumps(self.to_dict(), option=orjson.OPT_NON_STR_KEYS)
 
     def to_dict(self) -> dict[str, Any]:
-        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name[0] != "_"}
+        data = {name: getattr(self, name) for name in _STORED_FIELDS}
         data["v"] = STATE_FORMAT
         return data
 
@@ -112,16 +111,23 @@ class CustomerState:
         memo = self._memo
         if "days" not in memo:
             days = sorted(self.days)
-            records = self.days.values()
+            orders = spend = 0
+            first = last = None
+            for rec in self.days.values():
+                orders += rec[ORDERS]
+                spend += rec[AMOUNT]
+                if first is None or rec[FIRST_TS] < first:
+                    first = rec[FIRST_TS]
+                if last is None or rec[LAST_TS] > last:
+                    last = rec[LAST_TS]
             memo["days"] = days
-            memo["orders"] = sum(rec[ORDERS] for rec in records)
-            memo["spend"] = sum(rec[AMOUNT] for rec in records)
-            memo["first"] = min((r[FIRST_TS] for r in records), default=None)
-            memo["last"] = max((r[LAST_TS] for r in records), default=None)
-            memo["interval"] = (
-                float(median(b - a for a, b in zip(days, days[1:], strict=False)))
-                if len(days) > 1 else None
-            )
+            memo["orders"] = orders
+            memo["spend"] = spend
+            memo["first"] = first
+            memo["last"] = last
+            memo["interval"] = _median_gap(days) if len(days) > 1 else None
+            # The anchor of signals about the current purchase cycle (lapse, risk, P(alive)).
+            memo["cycle"] = f"day{day_of(last or 0)}"
         return memo
 
     @property
@@ -143,8 +149,16 @@ class CustomerState:
 
     @property
     def last_purchase_ms(self) -> int | None:
-        last: int | None = self._purchase_summary()["last"]
+        memo = self._memo
+        last: int | None = (memo if "days" in memo else self._purchase_summary())["last"]
         return last
+
+    @property
+    def cycle_anchor(self) -> str:
+        """``day<N>`` of the last purchase day: what lapse, risk and P(alive) signals are about."""
+        memo = self._memo
+        anchor: str = (memo if "days" in memo else self._purchase_summary())["cycle"]
+        return anchor
 
     def window(self, as_of_ms: int, days: int) -> tuple[int, int]:
         """(orders, amount_milli) with purchase day in (as_of_day - days, as_of_day]."""
@@ -260,6 +274,16 @@ class CustomerState:
 
     def top_categories(self, n: int = 3) -> list[str]:
         return [c for c, _ in sorted(self.categories.items(), key=lambda kv: (-kv[1], kv[0]))[:n]]
+
+
+_STORED_FIELDS = tuple(f.name for f in fields(CustomerState) if f.name[0] != "_")
+
+
+def _median_gap(days: list[int]) -> float:
+    """Median of the gaps between sorted days (statistics.median, without its overhead)."""
+    gaps = sorted([b - a for a, b in zip(days, days[1:], strict=False)])
+    mid = len(gaps) // 2
+    return float(gaps[mid] if len(gaps) % 2 else (gaps[mid - 1] + gaps[mid]) / 2)
 
 
 def _latest(current: list[Any] | None, candidate: list[Any]) -> bool:

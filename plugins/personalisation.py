@@ -92,11 +92,17 @@ def channel_for(state: CustomerState, fallback: str) -> str:
     return state.preferred_channel() or fallback
 
 
+_related_maps: dict[int, tuple[PersonalisationOptions, dict[str, list[str]]]] = {}
+
+
 def suggestions(state: CustomerState, opts: PersonalisationOptions) -> list[str]:
     """Related products for the top categories, taken in turn from each so every favourite
     is represented; the categories themselves when none has related products."""
     top = state.top_categories(opts.affinity_categories)
-    related = opts.related_map()
+    related = _related_maps.get(id(opts), (None, None))[1]
+    if related is None:  # merged once per options object, not at every follow-up
+        related = opts.related_map()
+        _related_maps[id(opts)] = (opts, related)
     picked: list[str] = []
     for round_ in itertools.zip_longest(*(related.get(c, []) for c in top)):
         for product in round_:

@@ -71,19 +71,20 @@ def retain_react_to_event(
     event: AnyEvent, state: CustomerState, ctx: HookContext
 ) -> list[Action] | None:
     opts = ctx.options_as(SurveyOptions)
-    channel = state.preferred_channel() or opts.fallback_channel
     if isinstance(event, PurchaseEvent):
         if "nps_sent_ms" in ctx.state or state.orders < opts.nps_after_purchases:
             return None
         ctx.state["nps_sent_ms"] = epoch_ms(event.occurred_at)
-        return [SendSurvey(channel=channel, survey="nps", survey_id=f"nps-{event.event_id}")]
+        return [SendSurvey(channel=state.preferred_channel() or opts.fallback_channel,
+                           survey="nps", survey_id=f"nps-{event.event_id}")]
     if isinstance(event, CancellationEvent) and event.scope in opts.exit_survey_scopes:
         key = f"{event.scope}:{event.reference_id or ''}"
         surveyed: list[str] = ctx.state.setdefault("exit_sent", [])
         if key in surveyed:
             return None
         surveyed.append(key)
-        return [SendSurvey(channel=channel, survey="exit", survey_id=f"exit-{event.event_id}")]
+        return [SendSurvey(channel=state.preferred_channel() or opts.fallback_channel,
+                           survey="exit", survey_id=f"exit-{event.event_id}")]
     return None
 
 

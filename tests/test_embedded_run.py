@@ -77,7 +77,8 @@ def test_the_same_events_from_another_file_are_all_duplicates(tmp_path: Path) ->
 
 def test_killed_runs_resume_to_the_same_result(tmp_path: Path) -> None:
     events = tmp_path / "events.jsonl"
-    write_events(events, customers=400, days=300)
+    # Large enough that a run outlasts the longest wait below (the kills must land).
+    write_events(events, customers=1500, days=300)
     run_file(tmp_path / "oracle", events)
     oracle = snapshot(tmp_path / "oracle")
 
