@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +49,11 @@ log = get_logger("retain.streams")
 RECENT_LIMIT = 20
 """How many signals and actions per customer the recent lists keep for queries (the
 topics keep them all). Each change rewrites the list, so keep it short."""
+
+CACHED_CUSTOMERS = 4096
+"""Per partition, how many customers' saved records (the decoded state with its offset,
+and the recent lists) stay in memory between batches, least recently used out first.
+A customer seen again is then neither read from RocksDB nor decoded again."""
 
 ERASED_PREFIX = b"\x00erased:"
 """Erasure markers share the customers table; no customer id can start with a NUL."""
@@ -266,7 +272,7 @@ async def save(producer: Any, stores: Sequence[TableStore],
         written += list(zip(step, sent, strict=True))
     _apply_locally(written)
     for store in stores:
-        store.begin()
+        store.saved()
 
 
 def _changelog_record(store: TableStore, change: Change) -> Record:
@@ -322,6 +328,14 @@ class TableStore:
     In partition scope, :meth:`begin` starts a batch, :meth:`at` records each input
     offset processed, and :func:`save` writes the batch; in between the Engine reads and
     writes an in-memory overlay.
+
+    Between batches, a partition's store keeps what its saves wrote, decoded: customer
+    states with their offsets, recent lists, the partition's meta and counters (at most
+    :data:`CACHED_CUSTOMERS` customers). The Engine changes states in place, so a batch
+    takes an entry out of this cache when it first reads it, and :meth:`saved` puts back
+    only what the batch wrote, once it is durable. A batch that is dropped instead
+    (:meth:`begin` without a save) leaves nothing of its changes behind: what it took out
+    is read again from the local store, which holds what was saved.
     """
 
     def __init__(
@@ -334,6 +348,10 @@ class TableStore:
         self.partition = partition
         self._assigned = assigned
         self._offset = -1
+        self._saved_states: OrderedDict[str, tuple[CustomerState, int]] = OrderedDict()
+        self._saved_rows: OrderedDict[tuple[str, str], list[dict[str, Any]]] = OrderedDict()
+        self._saved_meta: tuple[dict[str, Any], int] | None = None
+        self._saved_stats: tuple[dict[str, int], int] | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -352,6 +370,30 @@ class TableStore:
     def begin(self) -> None:
         """Start a batch of input messages; drops anything unsaved."""
         self._writable()
+        self._offset = -1
+        self._reset()
+
+    def saved(self) -> None:
+        """The batch is durable: keep what it wrote for the next batches; begin anew."""
+        self._writable()
+        for cid in self._dirty:
+            self._saved_states.pop(cid, None)
+            state = self._states.get(cid)
+            if state is not None:
+                self._saved_states[cid] = (state, self._done(cid))
+        for slot in self._dirty_rows:
+            self._saved_rows.pop(slot, None)
+            rows = self._rows[slot]
+            if rows is not None:
+                self._saved_rows[slot] = rows
+        for cache in (self._saved_states, self._saved_rows):
+            while len(cache) > CACHED_CUSTOMERS:
+                cache.popitem(last=False)
+        if self._offset >= 0:  # as changes() wrote them
+            if self._meta is not None:
+                self._saved_meta = (self._meta, self._offset)
+            if self._stats is not None:
+                self._saved_stats = (self._stats, max(self._offset, self._stats_offset))
         self._offset = -1
         self._reset()
 
@@ -382,9 +424,7 @@ class TableStore:
         customers = []
         for cid in sorted(self._dirty):
             state = self._states.get(cid)
-            # As for the counters: never lower than what the stored state already includes.
-            done = max(self._offset, self._offsets.get(cid, -1))
-            value = None if state is None else encode_customer(state, done, p)
+            value = None if state is None else encode_customer(state, self._done(cid), p)
             customers.append(Change(CUSTOMERS_TABLE, customer_key(cid), value))
         for cid, cutoff in sorted(self._erasures.items()):
             marker = {"o": self._offset, "p": p, "erased": cutoff}
@@ -395,6 +435,10 @@ class TableStore:
             record = {"o": self._offset, "p": p, "m": self._load_meta()}
             meta.append(Change(META_TABLE, meta_key(p), encode_json(record)))
         return rows, customers, meta
+
+    def _done(self, customer_id: str) -> int:
+        # As for the counters: never lower than what the stored state already includes.
+        return max(self._offset, self._offsets.get(customer_id, -1))
 
     def _writable(self) -> int:
         if self.partition is None:
@@ -443,6 +487,10 @@ class TableStore:
     def get(self, customer_id: str) -> CustomerState | None:
         if customer_id in self._states:
             return self._states[customer_id]
+        saved = self._saved_states.pop(customer_id, None)
+        if saved is not None:
+            self._states[customer_id], self._offsets[customer_id] = saved
+            return saved[0]
         raw = self._raw(CUSTOMERS_TABLE, customer_key(customer_id))
         state = None
         if raw is not None:
@@ -492,8 +540,12 @@ class TableStore:
     def _recent(self, table: str, customer_id: str) -> list[dict[str, Any]] | None:
         slot = (table, customer_id)
         if slot not in self._rows:
-            raw = self._raw(table, customer_key(customer_id))
-            self._rows[slot] = None if raw is None else list(decode_record(raw)["r"])
+            saved = self._saved_rows.pop(slot, None)
+            if saved is not None:
+                self._rows[slot] = saved
+            else:
+                raw = self._raw(table, customer_key(customer_id))
+                self._rows[slot] = None if raw is None else list(decode_record(raw)["r"])
         return self._rows[slot]
 
     def _add_rows(self, table: str, customer_id: str, new: Iterable[dict[str, Any]],
@@ -550,6 +602,8 @@ class TableStore:
 
     # -- Store: meta ---------------------------------------------------------------------
     def _load_meta(self) -> dict[str, Any]:
+        if self._meta is None and self._saved_meta is not None:
+            (self._meta, self._meta_offset), self._saved_meta = self._saved_meta, None
         if self._meta is None:
             raw = self._raw(META_TABLE, meta_key(self._writable()))
             record = decode_record(raw) if raw is not None else {}
@@ -563,6 +617,8 @@ class TableStore:
         return self._meta_offset
 
     def _load_stats(self) -> dict[str, int]:
+        if self._stats is None and self._saved_stats is not None:
+            (self._stats, self._stats_offset), self._saved_stats = self._saved_stats, None
         if self._stats is None:
             raw = self._raw(META_TABLE, stats_key(self._writable()))
             record = decode_record(raw) if raw is not None else {}

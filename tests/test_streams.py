@@ -739,3 +739,93 @@ def test_batches_are_saved_by_group_commit(pending: int, age_s: float, more_wait
 
     assert (BATCH_MAX, BATCH_MAX_AGE_S) == (500, 0.25)
     assert save_now(pending, age_s, more_waiting) is save
+
+
+class CountingStore(FakeStore):
+    """A table's local store that counts its reads."""
+
+    reads = 0
+
+    def get(self, key: bytes, default: Any = None) -> Any:  # type: ignore[override]
+        self.reads += 1
+        return super().get(key, default)
+
+
+def test_customers_seen_in_an_earlier_batch_are_not_read_from_the_table_again() -> None:
+    """What a save wrote stays decoded in memory: the next batch neither reads nor
+    decodes the customer's record again, and builds on the state it saved."""
+    from types import SimpleNamespace
+
+    from retain.streams.agent import Runtime, Topics
+    from retain.streams.tables import decode_record
+
+    broker = FakeBroker()
+    tables = broker.recovered_tables()
+    counting = CountingStore()
+    tables = type(tables)(FakeTable("app-customers-changelog", counting), *[
+        tables.signals, tables.actions, tables.meta])
+    runtime = Runtime(SimpleNamespace(producer=broker), Settings(), tables,
+                      Topics(None, "dead", "late", "signals", "actions"))
+
+    async def batches() -> None:
+        runtime.add(SimpleNamespace(message=FakeMessage(
+            b"c1", orjson.dumps(_event("c1", "e1", 1)), 0, 0, None)))
+        await runtime.flush()
+        counting.reads = 0
+        runtime.add(SimpleNamespace(message=FakeMessage(
+            b"c1", orjson.dumps(_event("c1", "e2", 3)), 0, 1, None)))
+        await runtime.flush()
+
+    try:
+        asyncio.run(batches())
+    finally:
+        runtime.host.close()
+    assert counting.reads == 0
+    record = decode_record(broker.recovered_tables().customers.data[b"c1"])
+    assert record["o"] == 1 and len(record["s"]["days"]) == 2
+
+
+def test_a_batch_redone_after_a_processing_error_starts_from_the_saved_state(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The Engine changes a state in place. A batch that is redone after a processing
+    error must start from what was saved, not from the half-processed state in memory: no
+    event of the redone batch counts as a duplicate, none is applied twice."""
+    from types import SimpleNamespace
+
+    from retain.core.engine import Engine
+    from retain.streams.agent import Runtime, Topics
+    from retain.streams.tables import decode_record
+
+    process = Engine.process
+
+    def failing(self: Engine, event: Any) -> Any:
+        if event.event_id == "boom":
+            raise RuntimeError("boom")
+        return process(self, event)
+
+    monkeypatch.setattr(Engine, "process", failing)
+    broker = FakeBroker()
+    runtime = Runtime(SimpleNamespace(producer=broker), Settings(), broker.recovered_tables(),
+                      Topics(None, "dead", "late", "signals", "actions"))
+
+    async def batches() -> None:
+        for offset, (event_id, day) in enumerate([("e1", 1), ("e2", 3), ("boom", 4),
+                                                   ("e3", 5)]):
+            runtime.add(SimpleNamespace(message=FakeMessage(
+                b"c1", orjson.dumps(_event("c1", event_id, day)), 0, offset, None)))
+            if offset == 0:
+                await runtime.flush()  # e1 is saved; the next batch starts from the cache
+        await runtime.flush()
+
+    try:
+        asyncio.run(batches())
+    finally:
+        runtime.host.close()
+    tables = broker.recovered_tables()
+    state = decode_record(tables.customers.data[b"c1"])["s"]
+    assert len(state["days"]) == 3  # e1, e2, e3 (not boom)
+    stats = decode_record(tables.meta.data[b"p0/stats"])["stats"]
+    assert stats["applied"] == 3 and stats.get("duplicate", 0) == 0
+    assert stats["processing_errors"] == 1
+    assert [m[1] for m in broker.topics["dead"]] == [orjson.dumps(_event("c1", "boom", 4))]
