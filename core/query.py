@@ -105,10 +105,23 @@ def customer_row(
 class LocalQuery:
     """Answers from an embedded store (normally opened read-only)."""
 
-    def __init__(self, store: Store, settings: Settings) -> None:
+    def __init__(self, store: Store, settings: Settings, *, use_facts: bool = True) -> None:
         self.store = store
         self.settings = settings
         self.model = load_model(store)
+        # Whole-base queries read the store's compact query facts when it keeps them
+        # (SqliteStore.query_facts), else every state; both give the same answers.
+        self.use_facts = use_facts
+
+    def _facts(self, with_ids: bool = False) -> Any:
+        fetch = getattr(self.store, "query_facts", None) if self.use_facts else None
+        found = fetch(with_ids) if fetch is not None else None
+        if found is None:
+            return None
+        from retain.core import facts
+
+        ids, blobs = found
+        return facts.load(blobs, ids)
 
     def _as_of(self, as_of_ms: int | None) -> int:
         if as_of_ms is not None:
@@ -144,13 +157,44 @@ class LocalQuery:
     def metric(self, name: str, **params: Any) -> dict[str, Any]:
         as_of = self._as_of(params.pop("as_of_ms", None))
         params = metric_params(name, params, as_of, self.settings)
-        acc = metrics.new_accumulator(name, **params).add_all(self.store.states())
+        acc = metrics.new_accumulator(name, **params)
+        answered = None
+        if name in ("retention", "cohorts", "lifecycle"):
+            found = self._facts()
+            if found is not None:
+                from retain.core import columnar
+
+                try:
+                    answered = columnar.answer(acc, found)
+                except columnar.Unsupported:
+                    answered = None
+        acc = answered if answered is not None else acc.add_all(self.store.states())
         return {"metric": name, "as_of": iso(as_of), "params": acc.params(),
                 "result": acc.result()}
 
     def at_risk(self, top: int = 20, as_of_ms: int | None = None,
                 min_score: int = 1) -> list[dict[str, Any]]:
         as_of = self._as_of(as_of_ms)
+        found = self._facts(with_ids=True) if top >= 1 else None
+        if found is not None:
+            from retain.core import columnar
+
+            settings, model, get = self.settings, self.model, self.store.get
+
+            def exact(customer_id: str) -> Any:
+                state = get(customer_id)
+                return None if state is None else \
+                    _risk_item(state, as_of, settings, model, min_score)
+
+            try:
+                scored = columnar.top_at_risk(
+                    found, found.ids, as_of, settings.state.activity_window_days,
+                    settings.state.active_includes_subscriptions, settings.signals, model,
+                    top, min_score, exact)
+            except columnar.Unsupported:
+                pass
+            else:
+                return _at_risk_rows(scored, as_of, settings, self.store)
         return rank_at_risk(self.store.states(), as_of, self.settings, self.model, top,
                             min_score, self.store)
 
@@ -241,6 +285,21 @@ def describe_customer(
     }
 
 
+def _risk_item(
+    state: CustomerState, as_of_ms: int, settings: Settings, model: Any, min_score: int,
+) -> tuple[int, int, str, CustomerState, dict[str, float]] | None:
+    """(score, spend, id, state, components) of an at-risk candidate, or None."""
+    window = settings.state.activity_window_days
+    if not state.is_active(as_of_ms, window, settings.state.active_includes_subscriptions):
+        # Lapsed or closed their account: already churned by the retention definition,
+        # a win-back case rather than a risk that can still be prevented.
+        return None
+    score, parts = risk_score(state, as_of_ms, settings.signals, model)
+    if score < min_score:
+        return None
+    return score, state.spend_milli, state.customer_id, state, parts
+
+
 def rank_at_risk(
     states: Iterable[CustomerState], as_of_ms: int, settings: Settings, model: Any,
     top: int, min_score: int, store: Store | None = None,
@@ -248,22 +307,22 @@ def rank_at_risk(
     """The ``top`` customers by composite risk at ``as_of`` (ties: most valuable first)."""
     import heapq
 
-    window = settings.state.activity_window_days
-    subscriptions = settings.state.active_includes_subscriptions
     scored: list[tuple[int, int, str, CustomerState, dict[str, float]]] = []
     for state in states:
-        if not state.is_active(as_of_ms, window, subscriptions):
-            # Lapsed or closed their account: already churned by the retention definition,
-            # a win-back case rather than a risk that can still be prevented.
+        item = _risk_item(state, as_of_ms, settings, model, min_score)
+        if item is None:
             continue
-        score, parts = risk_score(state, as_of_ms, settings.signals, model)
-        if score < min_score:
-            continue
-        item = (score, state.spend_milli, state.customer_id, state, parts)
         if len(scored) < top:
             heapq.heappush(scored, item)  # type: ignore[misc]
         elif item[:3] > scored[0][:3]:
             heapq.heapreplace(scored, item)  # type: ignore[misc]
+    return _at_risk_rows(scored, as_of_ms, settings, store)
+
+
+def _at_risk_rows(
+    scored: list[tuple[int, int, str, CustomerState, dict[str, float]]], as_of_ms: int,
+    settings: Settings, store: Store | None,
+) -> list[dict[str, Any]]:
     rows = []
     for score, spend, cid, state, parts in sorted(scored, key=lambda t: t[:3], reverse=True):
         kinds = sorted({s["kind"] for s in store.signals(customer_id=cid, limit=20)}) \

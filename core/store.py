@@ -19,6 +19,7 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 
 import orjson
 
+from retain.core.facts import FACTS_VERSION, pack
 from retain.core.signals import Signal
 from retain.core.state import CustomerState
 
@@ -158,6 +159,23 @@ CREATE INDEX IF NOT EXISTS actions_customer ON actions (customer_id);
 CREATE TABLE IF NOT EXISTS erasures (key TEXT PRIMARY KEY, cutoff_ms INTEGER NOT NULL);
 """
 
+# Query facts (retain.core.facts) sit beside the states and are written in the same
+# transaction. The marker row in meta says they are complete; any write to `customers`
+# removes it (the triggers), and only SqliteStore.commit and forget, which write the facts
+# as well, put it back, and only if it was there before. So a store written by anything
+# else (an older retain, a bulk load) has no marker and is answered by the full scan
+# until a writable open rebuilds the facts.
+_FACTS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS query_facts (id TEXT PRIMARY KEY, facts BLOB NOT NULL) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS customers_insert_unmarks_facts AFTER INSERT ON customers
+    BEGIN DELETE FROM meta WHERE key = 'query_facts'; END;
+CREATE TRIGGER IF NOT EXISTS customers_update_unmarks_facts AFTER UPDATE ON customers
+    BEGIN DELETE FROM meta WHERE key = 'query_facts'; END;
+CREATE TRIGGER IF NOT EXISTS customers_delete_unmarks_facts AFTER DELETE ON customers
+    BEGIN DELETE FROM meta WHERE key = 'query_facts'; END;
+"""
+_FACTS_MARKER = orjson.dumps(FACTS_VERSION)
+
 
 class SqliteStore:
     """One SQLite file. Writes are buffered in memory and land in one transaction.
@@ -202,6 +220,8 @@ class SqliteStore:
             "SELECT 1 FROM customers LIMIT 1").fetchone()
         self._erased = dict(self.db.execute("SELECT key, cutoff_ms FROM erasures")) \
             if existed or not readonly else {}
+        if not readonly:
+            self._ensure_facts()
 
     def _check_format(self, existed: bool) -> None:
         if existed:
@@ -215,6 +235,57 @@ class SqliteStore:
         elif not self.readonly:
             self.db.executescript(_SCHEMA)
             self.db.execute("INSERT INTO meta VALUES ('format', ?)", (orjson.dumps(STORE_FORMAT),))
+
+    # -- query facts (retain.core.facts) ---------------------------------------------
+    def _facts_marked(self) -> bool:
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'query_facts'").fetchone()
+        return row is not None and bytes(row[0]) == _FACTS_MARKER
+
+    def _ensure_facts(self) -> None:
+        """Create the facts of a store that has none (older, or bulk-loaded): one transaction."""
+        if self._facts_marked():
+            return
+        with self._transaction():
+            self._create_facts_schema()
+            self.db.execute("DELETE FROM query_facts")
+            after: str | None = None
+            while True:
+                rows = self.db.execute(
+                    "SELECT id, state FROM customers ORDER BY id LIMIT 5000" if after is None else
+                    "SELECT id, state FROM customers WHERE id > ? ORDER BY id LIMIT 5000",
+                    () if after is None else (after,),
+                ).fetchall()
+                if not rows:
+                    break
+                self.db.executemany("INSERT INTO query_facts VALUES (?, ?)",
+                                    [(cid, pack(CustomerState.from_json(raw))) for cid, raw in rows])
+                after = rows[-1][0]
+            self._mark_facts()
+
+    def _create_facts_schema(self) -> None:
+        for statement in _FACTS_SCHEMA.split(";\n"):
+            if statement.strip():
+                self.db.execute(statement)
+
+    def _mark_facts(self) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('query_facts', ?)", (_FACTS_MARKER,))
+
+    def query_facts(self, with_ids: bool = False) -> tuple[list[str] | None, list[bytes]] | None:
+        """Every committed customer's packed facts (in id order), or None when the store
+        cannot vouch for them: no facts yet (a store written before they existed, opened
+        read-only), or states changed in this process and not yet committed."""
+        if self._dirty:
+            return None
+        self.db.execute("BEGIN")  # one snapshot for the marker and the rows
+        try:
+            if not self._facts_marked():
+                return None
+            if with_ids:
+                rows = self.db.execute("SELECT id, facts FROM query_facts ORDER BY id").fetchall()
+                return [r[0] for r in rows], [r[1] for r in rows]
+            return None, [r[0] for r in self.db.execute("SELECT facts FROM query_facts")]
+        finally:
+            self.db.execute("COMMIT")
 
     # -- customer state --------------------------------------------------------------
     def get(self, customer_id: str) -> CustomerState | None:
@@ -294,9 +365,12 @@ class SqliteStore:
         self._cache.pop(customer_id, None)
         self._dirty.discard(customer_id)
         with self._transaction():
-            for table, column in (("customers", "id"), ("signals", "customer_id"),
-                                  ("actions", "customer_id")):
+            marked = self._facts_marked()
+            for table, column in (("customers", "id"), ("query_facts", "id"),
+                                  ("signals", "customer_id"), ("actions", "customer_id")):
                 self.db.execute(f"DELETE FROM {table} WHERE {column} = ?", (customer_id,))
+            if marked:
+                self._mark_facts()
             if state is not None:
                 key = erasure_key(customer_id)
                 self._erased[key] = state.watermark_ms
@@ -315,11 +389,16 @@ class SqliteStore:
             return
         with self._transaction():
             if self._dirty:
+                marked = self._facts_marked()
+                written = [self._cache[cid] for cid in self._dirty if cid in self._cache]
                 self.db.executemany(
                     "INSERT OR REPLACE INTO customers (id, due_ms, state) VALUES (?, ?, ?)",
-                    [(cid, self._cache[cid].due_ms, self._cache[cid].to_json())
-                     for cid in self._dirty if cid in self._cache],
+                    [(s.customer_id, s.due_ms, s.to_json()) for s in written],
                 )
+                if marked:
+                    self.db.executemany("INSERT OR REPLACE INTO query_facts VALUES (?, ?)",
+                                        [(s.customer_id, pack(s)) for s in written])
+                    self._mark_facts()
             if self._signals:
                 self.db.executemany("INSERT OR IGNORE INTO signals VALUES (?, ?, ?, ?, ?, ?)",
                                     self._signals)
