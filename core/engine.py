@@ -18,7 +18,7 @@ from typing import Any, cast
 from retain.core.actions import Action, ActionBase, action_to_dict, apply_policy, stamp
 from retain.core.config import Settings
 from retain.core.events import AnyEvent, epoch_ms
-from retain.core.logs import ensure_configured, get_logger
+from retain.core.logs import debug_enabled, ensure_configured, get_logger
 from retain.core.manager import PluginHost
 from retain.core.signals import DetectContext, Detector, EventDetector, Signal, content_id
 from retain.core.sinks import Sink, SinkDeliveryError
@@ -228,6 +228,8 @@ class Engine:
                 continue
             if moment is not None and moment > after_ms and (due is None or moment < due):
                 due = moment
+        if due == state.due_ms:
+            return  # the timer already queued for this moment stays valid
         state.due_ms = due
         if due is not None and self._timers is not None:
             heapq.heappush(self._timers, (due, state.customer_id))
@@ -255,7 +257,7 @@ class Engine:
             apply_policy(action, state, self.settings.policy,
                          self._filter if self.host.implementations("retain_filter_action") else None)
             self.stats[f"actions_{action.status}"] += 1
-            if action.status == "suppressed":
+            if action.status == "suppressed" and debug_enabled():
                 log.debug("action suppressed", customer_id=state.customer_id, plugin=plugin,
                          kind=action.kind, reason=action.reason)
             outcome.actions.append(action)

@@ -14,13 +14,15 @@ import sys
 from typing import Any
 
 _requested_level: str | None = None
+_configured_level: int | None = None  # what configure_logging set; None: not known to us
 
 
 def configure_logging(level: str | None = None, fmt: str | None = None) -> None:
     import structlog
 
+    global _configured_level
     level_name = (level or os.environ.get("RETAIN_LOG_LEVEL", "WARNING")).upper()
-    numeric = getattr(logging, level_name, logging.WARNING)
+    numeric = _configured_level = getattr(logging, level_name, logging.WARNING)
     as_json = (fmt or os.environ.get("RETAIN_LOG_FORMAT", "console")).lower() == "json"
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer()
@@ -51,6 +53,15 @@ def request_level(level: str | None) -> None:
     _requested_level = level
     if "structlog" in sys.modules:
         configure_logging(level)
+
+
+def debug_enabled() -> bool:
+    """Whether a debug line would be written; lets a hot path skip building one.
+
+    True when structlog was configured by someone else (an embedding program, a test),
+    whose level we do not know.
+    """
+    return _configured_level is None or _configured_level <= logging.DEBUG
 
 
 def ensure_configured() -> None:

@@ -9,6 +9,7 @@ rejects file with the reason; events later than the allowed lateness go there to
 from __future__ import annotations
 
 import csv
+import gc
 import hashlib
 import io
 import sys
@@ -101,6 +102,7 @@ class Runner:
         offset = start_offset
         self.engine.start()
         try:
+            gc.freeze()  # see _commit; unfrozen below, so nothing outlives the run untracked
             for raw, offset in _lines(stream, start_offset):
                 line_no += 1
                 summary.lines += 1
@@ -120,6 +122,7 @@ class Runner:
                     pending = 0
             self._commit(summary, key, offset, line_no, progress)
         finally:
+            gc.unfreeze()
             self.engine.flush_sinks()
             if self._rejects is not None:
                 self._rejects.close()
@@ -160,6 +163,10 @@ class Runner:
         self.store.set_meta("clock_ms", self.engine.clock_ms)
         self.engine.flush_sinks()
         self.store.commit()
+        # What is committed is mostly long-lived customer state without reference cycles:
+        # taking it out of the collector's view stops every full collection from rescanning
+        # all cached customers (loading 100k states was 3.7x slower with it).
+        gc.freeze()
         if progress is not None:
             progress(offset)
 

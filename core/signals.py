@@ -240,8 +240,10 @@ class SpendDeclineDetector:
         last = state.last_purchase_ms
         if last is None:
             return None
-        due = last + ctx.settings.spend_decline_window_days * DAY_MS
-        if state.raised.get("spend_decline") == f"w{day_of(due) // ctx.settings.spend_decline_window_days}":
+        width = ctx.settings.spend_decline_window_days
+        due = last + width * DAY_MS
+        raised = state.raised.get("spend_decline")
+        if raised is not None and raised == f"w{day_of(due) // width}":
             return None
         return due
 

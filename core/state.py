@@ -73,7 +73,7 @@ class CustomerState:
     last_actions: dict[str, list[Any]] = field(default_factory=dict)  # strategy -> [ts, id, kind]
     due_ms: int | None = None  # next time a clock-driven detector must look again
     # Derived purchase figures, computed once per change of `days` (never stored).
-    _memo: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    _memo: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
     # The outreach channel per (outreach, consented_only), until the next event is applied;
     # None until asked, so a customer nobody writes to carries no extra dict.
     _channel_memo: dict[Any, str | None] | None = field(default=None, repr=False, compare=False)
@@ -273,7 +273,13 @@ class CustomerState:
         return None
 
     def top_categories(self, n: int = 3) -> list[str]:
-        return [c for c, _ in sorted(self.categories.items(), key=lambda kv: (-kv[1], kv[0]))[:n]]
+        # Categories change only with purchases, which clear the memo.
+        key = ("top", n)
+        top: list[str] | None = self._memo.get(key)
+        if top is None:
+            ranked = sorted(self.categories.items(), key=lambda kv: (-kv[1], kv[0]))
+            top = self._memo[key] = [c for c, _ in ranked[:n]]
+        return list(top)
 
 
 _STORED_FIELDS = tuple(f.name for f in fields(CustomerState) if f.name[0] != "_")

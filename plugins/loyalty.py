@@ -177,7 +177,7 @@ def retain_react_to_event(
                 },
             )
         )
-    if tier == opts.tiers[-1]:
+    if tier is opts.tiers[-1]:  # tier_for returns one of opts.tiers
         last = mine.get("early_access_ms")
         if last is None or now - last >= opts.early_access_days * DAY_MS:
             mine["early_access_ms"] = now
