@@ -52,7 +52,7 @@ from retain.core.engine import Engine, Outcome
 from retain.core.events import AnyEvent, EventError, decode_event, epoch_ms
 from retain.core.logs import get_logger
 from retain.core.manager import PluginHost
-from retain.streams.tables import Record, Tables, TableStore, deliver, save
+from retain.streams.tables import Record, Tables, TableStore, deliver, prepare, save
 
 log = get_logger("retain.streams")
 
@@ -173,9 +173,9 @@ class Partition:
     """One assigned partition: its store and its Engine (with its own clock)."""
 
     def __init__(self, partition: int, tables: Tables, settings: Settings,
-                 host: PluginHost) -> None:
+                 host: PluginHost, in_flight: dict[tuple[str, bytes], bytes | None]) -> None:
         self.partition = partition
-        self.store = TableStore(tables, partition)
+        self.store = TableStore(tables, partition, in_flight=in_flight)
         self.engine = Engine(settings, self.store, host, model=None, sinks=[])
 
 
@@ -198,6 +198,8 @@ class Runtime:
         self.lock = asyncio.Lock()
         self.ack: Callable[[Any], Awaitable[Any]] | None = None
         self._plugins_started = False
+        self._saving: asyncio.Future[None] | None = None  # the batch being saved
+        self._in_flight: dict[int, dict[tuple[str, bytes], bytes | None]] = {}
         self._new_batch()
 
     def _new_batch(self) -> None:
@@ -213,12 +215,14 @@ class Runtime:
     def partition(self, p: int) -> Partition:
         part = self.partitions.get(p)
         if part is None:
-            part = self.partitions[p] = Partition(p, self.tables, self.settings, self.host)
+            part = self.partitions[p] = Partition(p, self.tables, self.settings, self.host,
+                                                  self._in_flight.setdefault(p, {}))
         return part
 
     def reset(self) -> None:
         """Forget every Engine: after a rebalance another worker may have moved them on."""
         self.partitions.clear()
+        self._in_flight.clear()  # (empty: the caller has waited for the last save)
         self._next.clear()
         self.gaps.clear()
 
@@ -369,15 +373,37 @@ class Runtime:
             self._outputs[p] = outputs
             return
 
-    async def flush(self) -> None:
-        """Make the batch durable, then acknowledge its messages to Faust."""
-        if not self._events:
-            return
-        stores = list(self._stores.values())
-        outputs = [r for p in sorted(self._outputs) for r in self._outputs[p]]
-        events = self._events
-        await save(self.app.producer, stores, outputs)
-        self._new_batch()
+    async def flush(self, wait: bool = True) -> None:
+        """Save the batch, and acknowledge its messages to Faust once it is durable.
+
+        Without ``wait``, only the batch saved before is waited for: this one is saved
+        while the next is processed. Its records are fixed as bytes first
+        (:func:`~retain.streams.tables.prepare`), and saves still happen one after the
+        other, each step acknowledged, so a crash leaves what it always did.
+        """
+        await self.settle()
+        if self._events:
+            steps = prepare(list(self._stores.values()))
+            outputs = [r for p in sorted(self._outputs) for r in self._outputs[p]]
+            events = self._events
+            self._new_batch()
+            self._saving = asyncio.ensure_future(self._save(steps, outputs, events))
+        if wait:
+            await self.settle()
+
+    async def settle(self) -> None:
+        """Wait for the batch being saved (raises what its save raised)."""
+        saving, self._saving = self._saving, None
+        if saving is not None:
+            await saving
+
+    @property
+    def saved_in_background(self) -> bool:
+        """A batch was saved (or failed to be) and nobody has looked yet."""
+        return self._saving is not None and self._saving.done()
+
+    async def _save(self, steps: Any, outputs: list[Record], events: list[Any]) -> None:
+        await save(self.app.producer, steps, outputs)
         self.counts["messages"] += len(events)
         self.counts["batches"] += 1
         if self.ack is not None:
@@ -556,7 +582,7 @@ def install(app: Any, runtime: Runtime) -> Callable[..., Any]:
                 if rewind is not None:
                     await runtime.rewind(rewind)
                 if save_now(runtime.pending, runtime.batch_age, not waiting.empty()):
-                    await _flush(app, runtime)
+                    await _flush(app, runtime, wait=False)
 
     agent = app.agent(runtime.topics.events, name="retain-events", concurrency=1)(retain_events)
 
@@ -567,7 +593,10 @@ def install(app: Any, runtime: Runtime) -> Callable[..., Any]:
             await asyncio.sleep(IDLE_FLUSH_S)
             if runtime.pending and time.monotonic() - runtime.last_added >= IDLE_FLUSH_S:
                 async with runtime.lock:
-                    await _flush(app, runtime)
+                    await _flush(app, runtime, wait=False)
+            elif runtime.saved_in_background:  # a failed save stops the worker from here
+                async with runtime.lock:
+                    await _flush(app, runtime, wait=False)
             if runtime.gaps:
                 async with runtime.lock:
                     for rewind in runtime.overdue_rewinds():
@@ -610,9 +639,9 @@ def keep_buffered(app: Any, stream: Any) -> None:
         managed.discard(queue)
 
 
-async def _flush(app: Any, runtime: Runtime) -> None:
+async def _flush(app: Any, runtime: Runtime, wait: bool = True) -> None:
     try:
-        await runtime.flush()
+        await runtime.flush(wait)
     except asyncio.CancelledError:
         raise
     except Exception as exc:

@@ -34,7 +34,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -66,8 +66,7 @@ TRUNCATE_TO = 512 * 1024
 Table = Any  # a faust Table: kept untyped so importing this module does not import Faust
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
+class Record(NamedTuple):
     """One message to produce: to an output topic, or to a table's changelog."""
 
     topic: str
@@ -78,8 +77,7 @@ class Record:
     truncatable: bool = False  # a copy set aside (dead letter): may be cut if too large
 
 
-@dataclass(frozen=True, slots=True)
-class Change:
+class Change(NamedTuple):
     table: str
     key: bytes
     value: bytes | None  # None deletes the key (a tombstone in the changelog)
@@ -94,9 +92,22 @@ class Tables:
     actions: Table
     meta: Table
 
+    def __post_init__(self) -> None:
+        named = {CUSTOMERS_TABLE: self.customers, SIGNALS_TABLE: self.signals,
+                 ACTIONS_TABLE: self.actions, META_TABLE: self.meta}
+        object.__setattr__(self, "_named", named)
+        object.__setattr__(self, "_changelogs", {})
+
     def by_name(self, name: str) -> Table:
-        return {CUSTOMERS_TABLE: self.customers, SIGNALS_TABLE: self.signals,
-                ACTIONS_TABLE: self.actions, META_TABLE: self.meta}[name]
+        return self._named[name]  # type: ignore[attr-defined]
+
+    def changelog(self, name: str) -> str:
+        """The name of a table's changelog topic."""
+        topics: dict[str, str] = self._changelogs  # type: ignore[attr-defined]
+        topic = topics.get(name)
+        if topic is None:
+            topic = topics[name] = self.by_name(name).changelog_topic.get_topic_name()
+        return topic
 
 
 # -- codecs ----------------------------------------------------------------------------
@@ -250,8 +261,28 @@ def _truncated(record: Record) -> Record:
                   record.partition, headers, truncatable=True)
 
 
-async def save(producer: Any, stores: Sequence[TableStore],
-               outputs: Sequence[Record] = ()) -> None:
+Steps = list[list[tuple["TableStore", Change]]]
+"""A batch's changelog writes, in the order :func:`save` makes them durable."""
+
+
+def prepare(stores: Sequence[TableStore]) -> Steps:
+    """Fix a batch's changelog writes as bytes, and hand its stores on to the next batch.
+
+    From here on the batch's changes are only these records. Each store keeps its states
+    for the next batch (which may change them in place), and reads the records from its
+    ``in_flight`` until :func:`save` has applied them locally; so the next batch can be
+    processed while this one is being saved.
+    """
+    steps: Steps = [[], [], []]
+    for store in stores:
+        for step, changes in zip(steps, store.changes(), strict=True):
+            step.extend((store, c) for c in changes)
+            store.in_flight.update(((c.table, c.key), c.value) for c in changes)
+        store.hand_over()
+    return steps
+
+
+async def save(producer: Any, steps: Steps, outputs: Sequence[Record] = ()) -> None:
     """Make a batch durable: outputs, recent lists and counters; customers; partition meta.
 
     Each step waits for the broker's acknowledgement of the one before, so whatever a
@@ -260,10 +291,6 @@ async def save(producer: Any, stores: Sequence[TableStore],
     done up to here") only after every customer record of the batch. Then the records
     are written to the local stores, with the changelog position they reached.
     """
-    steps: list[list[tuple[TableStore, Change]]] = [[], [], []]
-    for store in stores:
-        for step, changes in zip(steps, store.changes(), strict=True):
-            step.extend((store, c) for c in changes)
     head = list(outputs)
     sent = await deliver(producer, head + [_changelog_record(s, c) for s, c in steps[0]])
     written = list(zip(steps[0], sent[len(head):], strict=True))
@@ -271,18 +298,21 @@ async def save(producer: Any, stores: Sequence[TableStore],
         sent = await deliver(producer, [_changelog_record(s, c) for s, c in step])
         written += list(zip(step, sent, strict=True))
     _apply_locally(written)
-    for store in stores:
-        store.saved()
+    for step in steps:
+        for store, change in step:
+            slot = (change.table, change.key)
+            if store.in_flight.get(slot, change) is change.value:  # not yet written over
+                del store.in_flight[slot]
 
 
 def _changelog_record(store: TableStore, change: Change) -> Record:
-    topic = store.tables.by_name(change.table).changelog_topic.get_topic_name()
-    return Record(topic, change.key, change.value, store.partition)
+    return Record(store.tables.changelog(change.table), change.key, change.value,
+                  store.partition)
 
 
-@dataclass(frozen=True, slots=True)
-class _ChangelogMessage:
-    """What a Faust store's ``apply_changelog_batch`` reads from a changelog event."""
+class _ChangelogEvent(NamedTuple):
+    """What a Faust store's ``apply_changelog_batch`` reads from a changelog event (and
+    from its ``message``: the same fields)."""
 
     tp: Any
     offset: int
@@ -290,12 +320,9 @@ class _ChangelogMessage:
     key: bytes
     value: bytes | None
 
-
-@dataclass(frozen=True, slots=True)
-class _ChangelogEvent:
-    key: bytes
-    value: bytes | None
-    message: _ChangelogMessage
+    @property
+    def message(self) -> _ChangelogEvent:
+        return self
 
 
 def _apply_locally(written: list[tuple[tuple[TableStore, Change], Any]]) -> None:
@@ -305,15 +332,18 @@ def _apply_locally(written: list[tuple[tuple[TableStore, Change], Any]]) -> None
     to the right partition without a current event, sends nothing more, and records the
     changelog offset reached: the local store is never ahead of its changelog.
     """
-    by_table: dict[int, tuple[Any, list[_ChangelogEvent]]] = {}
+    by_table: dict[str, list[_ChangelogEvent]] = {}
+    tables: dict[str, Any] = {}
     for (store, change), metadata in written:
-        table = store.tables.by_name(change.table)
-        message = _ChangelogMessage(metadata.topic_partition, metadata.offset,
-                                    metadata.topic_partition.partition, change.key, change.value)
-        by_table.setdefault(id(table), (table, []))[1].append(
-            _ChangelogEvent(change.key, change.value, message))
-    for table, events in by_table.values():
-        table.data.apply_changelog_batch(events, to_key=_same, to_value=_same)
+        events = by_table.get(change.table)
+        if events is None:
+            events = by_table[change.table] = []
+            tables[change.table] = store.tables.by_name(change.table)
+        tp = metadata.topic_partition
+        events.append(_ChangelogEvent(tp, metadata.offset, tp.partition, change.key,
+                                      change.value))
+    for name, events in by_table.items():
+        tables[name].data.apply_changelog_batch(events, to_key=_same, to_value=_same)
 
 
 def _same(value: Any) -> Any:
@@ -329,13 +359,14 @@ class TableStore:
     offset processed, and :func:`save` writes the batch; in between the Engine reads and
     writes an in-memory overlay.
 
-    Between batches, a partition's store keeps what its saves wrote, decoded: customer
+    Between batches, a partition's store keeps what its batches wrote, decoded: customer
     states with their offsets, recent lists, the partition's meta and counters (at most
     :data:`CACHED_CUSTOMERS` customers). The Engine changes states in place, so a batch
-    takes an entry out of this cache when it first reads it, and :meth:`saved` puts back
-    only what the batch wrote, once it is durable. A batch that is dropped instead
-    (:meth:`begin` without a save) leaves nothing of its changes behind: what it took out
-    is read again from the local store, which holds what was saved.
+    takes an entry out of this cache when it first reads it, and :meth:`hand_over` puts
+    back only what the batch wrote, once its records are fixed as bytes (:func:`prepare`).
+    A batch that is dropped instead (:meth:`begin` without a save) leaves nothing of its
+    changes behind: what it took out is read again from ``in_flight`` (the records of a
+    batch being saved, shared by every store of the partition) or from the local store.
     """
 
     def __init__(
@@ -343,10 +374,13 @@ class TableStore:
         tables: Tables,
         partition: int | None,
         assigned: Callable[[], set[int]] | None = None,
+        in_flight: dict[tuple[str, bytes], bytes | None] | None = None,
     ) -> None:
         self.tables = tables
         self.partition = partition
         self._assigned = assigned
+        self.in_flight: dict[tuple[str, bytes], bytes | None] = (
+            {} if in_flight is None else in_flight)
         self._offset = -1
         self._saved_states: OrderedDict[str, tuple[CustomerState, int]] = OrderedDict()
         self._saved_rows: OrderedDict[tuple[str, str], list[dict[str, Any]]] = OrderedDict()
@@ -373,8 +407,9 @@ class TableStore:
         self._offset = -1
         self._reset()
 
-    def saved(self) -> None:
-        """The batch is durable: keep what it wrote for the next batches; begin anew."""
+    def hand_over(self) -> None:
+        """The batch's records are fixed (:func:`prepare`): keep what it wrote for the
+        next batches, and begin anew."""
         self._writable()
         for cid in self._dirty:
             self._saved_states.pop(cid, None)
@@ -447,6 +482,10 @@ class TableStore:
 
     # -- reading the tables ----------------------------------------------------------------
     def _raw(self, table: str, key: bytes) -> bytes | None:
+        if self.in_flight:
+            slot = (table, key)
+            if slot in self.in_flight:
+                return self.in_flight[slot]
         value = self.tables.by_name(table).data.get(key)
         return None if value is None else bytes(value)
 
@@ -470,6 +509,15 @@ class TableStore:
                 yield bytes(key), record
 
     def _snapshot(self, table: str) -> list[tuple[Any, Any]]:
+        stored = self._stored(table)
+        pending = [(key, value) for (t, key), value in list(self.in_flight.items()) if t == table]
+        if not pending:
+            return stored
+        merged = {bytes(key): value for key, value in stored}
+        merged.update(pending)
+        return list(merged.items())
+
+    def _stored(self, table: str) -> list[tuple[Any, Any]]:
         data = self.tables.by_name(table).data
         for _ in range(10):
             try:

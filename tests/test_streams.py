@@ -430,8 +430,12 @@ def partitioned(history: Path, partitions: int) -> list[FakeMessage]:
     return messages
 
 
-def run_worker_until(broker: FakeBroker, messages: list[FakeMessage], batch: int) -> bool:
-    """One worker's life over ``messages`` (from the first); False if it crashed."""
+def run_worker_until(broker: FakeBroker, messages: list[FakeMessage], batch: int,
+                     wait: bool = True) -> bool:
+    """One worker's life over ``messages`` (from the first); False if it crashed.
+
+    Without ``wait``, each batch is saved while the next is processed, as the agent does:
+    here the whole next batch is processed before the save even starts."""
     from types import SimpleNamespace
 
     from retain.streams.agent import Runtime, Topics
@@ -444,7 +448,7 @@ def run_worker_until(broker: FakeBroker, messages: list[FakeMessage], batch: int
         for message in messages:
             runtime.add(SimpleNamespace(message=message))
             if runtime.pending >= batch:
-                await runtime.flush()
+                await runtime.flush(wait)
         await runtime.flush()
 
     try:
@@ -499,26 +503,28 @@ CRASH_POINTS = {
 }
 
 
+@pytest.mark.parametrize("pipelined", [False, True], ids=["one-by-one", "pipelined"])
 @pytest.mark.parametrize("restart_batch", [100, 37])
 @pytest.mark.parametrize("point", list(CRASH_POINTS))
 def test_a_crash_anywhere_in_a_save_loses_nothing_and_counts_nothing_twice(
     history: Path, oracle: Oracle, save_steps: list[tuple[int, int]], point: str,
-    restart_batch: int,
+    restart_batch: int, pipelined: bool,
 ) -> None:
     """Kill the worker at a send of the outputs, the customers or the partition meta of
     a save, restart from the changelogs and get every message again: the result is the
     oracle's, with outputs possibly repeated but never lost, and nothing counted twice.
     After the restart the batches may end elsewhere (the soak found counters counted twice
-    when a smaller batch saved the counters with a lower offset)."""
+    when a smaller batch saved the counters with a lower offset). Pipelined, the next batch
+    has been processed (from the states of the batch being saved) when the crash comes."""
     step, where = CRASH_POINTS[point]
     first, sends = save_steps[3 + step]  # the second save; "step 3" is the third's first
     crash_at = first + round(where * (sends - 1))
     messages = partitioned(history, PARTITIONS)
     broker = FakeBroker()
     broker.crash_at = crash_at
-    assert not run_worker_until(broker, messages, batch=100)
+    assert not run_worker_until(broker, messages, batch=100, wait=not pipelined)
     broker.crash_at = None
-    assert run_worker_until(broker, messages, batch=restart_batch)
+    assert run_worker_until(broker, messages, batch=restart_batch, wait=not pipelined)
 
     assert_broker_matches_oracle(broker, oracle)
 
@@ -785,12 +791,15 @@ def test_customers_seen_in_an_earlier_batch_are_not_read_from_the_table_again() 
     assert record["o"] == 1 and len(record["s"]["days"]) == 2
 
 
+@pytest.mark.parametrize("pipelined", [False, True], ids=["one-by-one", "pipelined"])
 def test_a_batch_redone_after_a_processing_error_starts_from_the_saved_state(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, pipelined: bool,
 ) -> None:
     """The Engine changes a state in place. A batch that is redone after a processing
     error must start from what was saved, not from the half-processed state in memory: no
-    event of the redone batch counts as a duplicate, none is applied twice."""
+    event of the redone batch counts as a duplicate, none is applied twice. Pipelined, the
+    batch before is still being saved (not yet in the local store) when the error comes:
+    the redone batch starts from its records."""
     from types import SimpleNamespace
 
     from retain.core.engine import Engine
@@ -814,8 +823,9 @@ def test_a_batch_redone_after_a_processing_error_starts_from_the_saved_state(
                                                    ("e3", 5)]):
             runtime.add(SimpleNamespace(message=FakeMessage(
                 b"c1", orjson.dumps(_event("c1", event_id, day)), 0, offset, None)))
-            if offset == 0:
-                await runtime.flush()  # e1 is saved; the next batch starts from the cache
+            if offset == 0:  # e1's batch; the next starts from what it wrote
+                await runtime.flush(wait=not pipelined)
+                assert (b"c1" in runtime.tables.customers.data) is not pipelined
         await runtime.flush()
 
     try:
