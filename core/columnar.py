@@ -79,16 +79,30 @@ def _next_after(facts: Facts, cust: Ints, t: Ints, c_cust: Ints, c_ts: Ints,
     return np.where(found, c_ts[jc], np.iinfo(np.int64).max)
 
 
-def _intervals(facts: Facts, window_days: int, subscriptions: bool,
-               forever: int) -> tuple[Ints, Ints, Ints, bool]:
-    """(customer, start, end, sorted) of every activity interval [start, end).
+Group = tuple[Ints, Ints, Ints, bool]
 
-    ``sorted`` says the rows are already in (customer, start) order.
+
+def _intervals(facts: Facts, window_days: int, subscriptions: bool, forever: int) -> list[Group]:
+    """Every activity interval [start, end), as groups of (customer, start, end, sorted).
+
+    No customer is in two groups; ``sorted`` says a group is in (customer, start) order.
+    Customers with neither an account cancellation nor (when counted) a subscription, most
+    of them, have one interval per purchase day; the others go through the general rule.
     """
     window = window_days * DAY_MS
-    cust, first, last = facts.day_cust, facts.day_first, facts.day_last
-    end = last + window
     account = facts.cancel_scope == ACCOUNT
+    involved = np.zeros(facts.n, dtype=bool)
+    involved[facts.cancel_cust[account]] = True
+    subscriptions = subscriptions and bool(len(facts.sub_cust))
+    if subscriptions:
+        involved[facts.sub_cust] = True
+    if not involved.any():
+        return [(facts.day_cust, facts.day_first, facts.day_last + window, True)]
+    general = involved[facts.day_cust]
+    plain = ~general
+    groups = [(facts.day_cust[plain], facts.day_first[plain], facts.day_last[plain] + window, True)]
+    cust, first, last = facts.day_cust[general], facts.day_first[general], facts.day_last[general]
+    end = last + window
     if account.any():
         c_cust, c_ts = facts.cancel_cust[account], facts.cancel_ts[account]
         origin, span = _customer_keys(facts, first, last, c_ts)
@@ -104,8 +118,9 @@ def _intervals(facts: Facts, window_days: int, subscriptions: bool,
         end = np.column_stack((np.where(split, after_first, first), end)).ravel()
     else:
         start = first
-    if not subscriptions or not len(facts.sub_cust):
-        return cust, start, end, True
+    if not subscriptions:
+        groups.append((cust, start, end, True))
+        return groups
     s_cust, s_first = facts.sub_cust, facts.sub_first
     s_last, s_cancel = facts.sub_last, facts.sub_cancelled
     started = s_first != NONE
@@ -119,48 +134,48 @@ def _intervals(facts: Facts, window_days: int, subscriptions: bool,
         (s_cust[until_cancel], s_first[until_cancel], s_cancel[until_cancel]),
         (s_cust[renewed], s_last[renewed], fill[renewed]),
     ]
-    cust = np.concatenate([cust, *(p[0] for p in pieces)])
-    start = np.concatenate([start, *(p[1] for p in pieces)])
-    end = np.concatenate([end, *(p[2] for p in pieces)])
-    return cust, start, end, False
+    groups.append((np.concatenate([cust, *(p[0] for p in pieces)]),
+                   np.concatenate([start, *(p[1] for p in pieces)]),
+                   np.concatenate([end, *(p[2] for p in pieces)]), False))
+    return groups
 
 
 def _active_counts(facts: Facts, points: list[int], window_days: int,
                    subscriptions: bool) -> list[int]:
     """Customers active at each of ``points`` (sorted instants)."""
     marks = np.asarray(points, dtype=np.int64)
-    cust, start, end, ordered = _intervals(facts, window_days, subscriptions, points[-1] + 1)
-    lo = np.searchsorted(marks, start, side="left")
-    hi = np.searchsorted(marks, end, side="left")
-    keep = lo < hi
-    cust, lo, hi = cust[keep], lo[keep], hi[keep]
-    if not len(cust):
-        return [0] * len(points)
     width = len(points) + 2
-    low = cust * width + lo
-    high = cust * width + hi
-    if not ordered:
-        order = np.argsort(low, kind="stable")
-        low, high, lo = low[order], high[order], lo[order]
-    # Running maximum of the range ends: customers' keys never overlap, so it restarts
-    # with each customer. A range starting past it begins a new block of boundaries.
-    reach = np.maximum.accumulate(high)
-    begins = np.empty(len(low), dtype=bool)
-    begins[0] = True
-    begins[1:] = low[1:] > reach[:-1]
-    first = np.flatnonzero(begins)
-    last = np.append(first[1:] - 1, len(low) - 1)
-    block_hi = reach[last] - (low[first] - lo[first])
-    diff = np.bincount(lo[first], minlength=width) - np.bincount(block_hi, minlength=width)
+    diff = np.zeros(width, dtype=np.int64)
+    for cust, start, end, ordered in _intervals(facts, window_days, subscriptions, points[-1] + 1):
+        lo = np.searchsorted(marks, start, side="left")
+        hi = np.searchsorted(marks, end, side="left")
+        keep = lo < hi
+        cust, lo, hi = cust[keep], lo[keep], hi[keep]
+        if not len(cust):
+            continue
+        low = cust * width + lo
+        high = cust * width + hi
+        if not ordered:
+            order = np.argsort(low, kind="stable")
+            low, high, lo = low[order], high[order], lo[order]
+        # Running maximum of the range ends: customers' keys never overlap, so it restarts
+        # with each customer. A range starting past it begins a new block of boundaries.
+        reach = np.maximum.accumulate(high)
+        begins = np.empty(len(low), dtype=bool)
+        begins[0] = True
+        begins[1:] = low[1:] > reach[:-1]
+        first = np.flatnonzero(begins)
+        last = np.append(first[1:] - 1, len(low) - 1)
+        block_hi = reach[last] - (low[first] - lo[first])
+        diff += np.bincount(lo[first], minlength=width) - np.bincount(block_hi, minlength=width)
     return [int(v) for v in np.cumsum(diff)[: len(points)]]
 
 
 def active_at(facts: Facts, t_ms: int, window_days: int, subscriptions: bool) -> npt.NDArray[np.bool_]:
     """Per customer: ``CustomerState.is_active(t_ms, window_days, subscriptions)``."""
-    cust, start, end, _ = _intervals(facts, window_days, subscriptions, t_ms + 1)
-    covers = (start <= t_ms) & (t_ms < end)
     active = np.zeros(facts.n, dtype=bool)
-    active[cust[covers]] = True
+    for cust, start, end, _ in _intervals(facts, window_days, subscriptions, t_ms + 1):
+        active[cust[(start <= t_ms) & (t_ms < end)]] = True
     return active
 
 

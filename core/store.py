@@ -166,7 +166,8 @@ CREATE TABLE IF NOT EXISTS erasures (key TEXT PRIMARY KEY, cutoff_ms INTEGER NOT
 # else (an older retain, a bulk load) has no marker and is answered by the full scan
 # until a writable open rebuilds the facts.
 _FACTS_SCHEMA = """
-CREATE TABLE IF NOT EXISTS query_facts (id TEXT PRIMARY KEY, facts BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS query_facts (
+    id TEXT PRIMARY KEY, head BLOB NOT NULL, body BLOB NOT NULL) WITHOUT ROWID;
 CREATE TRIGGER IF NOT EXISTS customers_insert_unmarks_facts AFTER INSERT ON customers
     BEGIN DELETE FROM meta WHERE key = 'query_facts'; END;
 CREATE TRIGGER IF NOT EXISTS customers_update_unmarks_facts AFTER UPDATE ON customers
@@ -175,6 +176,7 @@ CREATE TRIGGER IF NOT EXISTS customers_delete_unmarks_facts AFTER DELETE ON cust
     BEGIN DELETE FROM meta WHERE key = 'query_facts'; END;
 """
 _FACTS_MARKER = orjson.dumps(FACTS_VERSION)
+FACTS_CHUNK = 100_000
 
 
 class SqliteStore:
@@ -257,8 +259,8 @@ class SqliteStore:
                 ).fetchall()
                 if not rows:
                     break
-                self.db.executemany("INSERT INTO query_facts VALUES (?, ?)",
-                                    [(cid, pack(CustomerState.from_json(raw))) for cid, raw in rows])
+                self.db.executemany("INSERT INTO query_facts VALUES (?, ?, ?)",
+                                    [(cid, *pack(CustomerState.from_json(raw))) for cid, raw in rows])
                 after = rows[-1][0]
             self._mark_facts()
 
@@ -270,22 +272,44 @@ class SqliteStore:
     def _mark_facts(self) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta VALUES ('query_facts', ?)", (_FACTS_MARKER,))
 
-    def query_facts(self, with_ids: bool = False) -> tuple[list[str] | None, list[bytes]] | None:
-        """Every committed customer's packed facts (in id order), or None when the store
-        cannot vouch for them: no facts yet (a store written before they existed, opened
-        read-only), or states changed in this process and not yet committed."""
+    def query_facts(self, with_ids: bool = False) -> tuple[list[str] | None, bytes, bytes] | None:
+        """Every committed customer's facts, in id order: (ids if asked, the headers and
+        the bodies concatenated); or None when the store cannot vouch for them: no facts
+        yet (a store written before they existed, opened read-only), or states changed in
+        this process and not yet committed.
+
+        SQLite concatenates the rows itself (``group_concat``, in chunks of
+        ``FACTS_CHUNK`` customers), so Python handles a few large strings, not a million rows.
+        """
         if self._dirty:
             return None
-        self.db.execute("BEGIN")  # one snapshot for the marker and the rows
+        columns = "count(*), max(id), CAST(group_concat(head, '') AS BLOB), " \
+            "CAST(group_concat(body, '') AS BLOB)" + (", group_concat(id, char(31))" if with_ids else "")
+        ids: list[str] = []
+        heads: list[bytes] = []
+        bodies: list[bytes] = []
+        self.db.execute("BEGIN")  # one snapshot for the marker and every chunk
         try:
             if not self._facts_marked():
                 return None
-            if with_ids:
-                rows = self.db.execute("SELECT id, facts FROM query_facts ORDER BY id").fetchall()
-                return [r[0] for r in rows], [r[1] for r in rows]
-            return None, [r[0] for r in self.db.execute("SELECT facts FROM query_facts")]
+            after: str | None = None
+            while True:
+                rows = "query_facts" if after is None else "query_facts WHERE id > ?"
+                count, after, head, body, *listed = self.db.execute(
+                    f"SELECT {columns} FROM (SELECT * FROM {rows} ORDER BY id LIMIT ?)",
+                    (FACTS_CHUNK,) if after is None else (after, FACTS_CHUNK),
+                ).fetchone()
+                if not count:
+                    break
+                heads.append(head)
+                bodies.append(body or b"")
+                if with_ids:
+                    ids.extend(listed[0].split("\x1f"))  # ids hold no control characters
+                if count < FACTS_CHUNK:
+                    break
         finally:
             self.db.execute("COMMIT")
+        return (ids if with_ids else None), b"".join(heads), b"".join(bodies)
 
     # -- customer state --------------------------------------------------------------
     def get(self, customer_id: str) -> CustomerState | None:
@@ -396,8 +420,11 @@ class SqliteStore:
                     [(s.customer_id, s.due_ms, s.to_json()) for s in written],
                 )
                 if marked:
-                    self.db.executemany("INSERT OR REPLACE INTO query_facts VALUES (?, ?)",
-                                        [(s.customer_id, pack(s)) for s in written])
+                    # An upsert rewrites the row in place: cheaper than REPLACE's delete + insert.
+                    self.db.executemany(
+                        "INSERT INTO query_facts VALUES (?, ?, ?) ON CONFLICT (id) DO UPDATE "
+                        "SET head = excluded.head, body = excluded.body",
+                        [(s.customer_id, *pack(s)) for s in written])
                     self._mark_facts()
             if self._signals:
                 self.db.executemany("INSERT OR IGNORE INTO signals VALUES (?, ?, ?, ?, ?, ?)",

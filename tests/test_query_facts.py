@@ -91,10 +91,12 @@ def test_the_store_vouches_for_its_facts(world: dict[str, Any]) -> None:
     try:
         found = store.query_facts(with_ids=True)
         assert found is not None
-        ids, blobs = found
+        ids, heads, bodies = found
         states = {s.customer_id: s for s in store.states()}
         assert ids == sorted(states)  # forgotten customers are gone from the facts too
-        assert blobs == [facts.pack(states[cid]) for cid in ids]
+        packed = [facts.pack(states[cid]) for cid in ids]
+        assert heads == b"".join(h for h, _ in packed)
+        assert bodies == b"".join(b for _, b in packed)
     finally:
         store.close()
 
@@ -188,7 +190,7 @@ def test_risk_bound_is_never_below_the_score(world: dict[str, Any]) -> None:
     try:
         found = store.query_facts(with_ids=True)
         assert found is not None
-        loaded = facts.load(found[1], found[0])
+        loaded = facts.load(found[1], found[2], found[0])
         states = {s.customer_id: s for s in store.states()}
         for back in (0, 10, 60, 200):
             as_of = _day(world, back, 17)
@@ -270,7 +272,8 @@ def test_more_events_after_the_first_run_keep_facts_and_answers_in_step(
     try:
         found = fast.store.query_facts()  # type: ignore[attr-defined]
         assert found is not None
-        assert sorted(found[1]) == sorted(facts.pack(s) for s in slow.store.states())
+        packed = [facts.pack(s) for s in sorted(slow.store.states(), key=lambda s: s.customer_id)]
+        assert (found[1], found[2]) == (b"".join(h for h, _ in packed), b"".join(b for _, b in packed))
         for name in ("retention", "cohorts", "lifecycle"):
             assert fast.metric(name) == slow.metric(name)
         assert fast.at_risk(top=30) == slow.at_risk(top=30)
@@ -295,7 +298,9 @@ PROPERTY = hypothesis_settings(max_examples=150, deadline=None,
 def _loaded(states: list[CustomerState]) -> tuple[list[CustomerState], facts.Facts]:
     for i, state in enumerate(states):
         state.customer_id = f"c{i:03d}"
-    return states, facts.load([facts.pack(s) for s in states], [s.customer_id for s in states])
+    packed = [facts.pack(s) for s in states]
+    return states, facts.load(b"".join(h for h, _ in packed), b"".join(b for _, b in packed),
+                              [s.customer_id for s in states])
 
 
 @PROPERTY
