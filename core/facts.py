@@ -3,26 +3,27 @@
 Whole-base queries (retention, cohorts, lifecycle, at-risk) need only a small part of a
 customer's state: the purchase days with their first and last times, orders and amount;
 account and subscription cancellations; subscriptions; the latest feedback answer; the
-median gap between purchase days. :func:`pack` writes exactly that as a flat array of
-little-endian int64 words, a fixed-size header and a body; the store keeps them in their
-own table, written in the same transaction as the state (see ``SqliteStore.commit``), so
-the two cannot disagree.
+median gap between purchase days. :func:`pack` writes exactly that, little-endian, in
+three parts: a fixed-size header, the purchase days, and the rest (cancellations and
+subscriptions, rare); the store keeps them in their own table, written in the same
+transaction as the state (see ``SqliteStore.commit``), so the two cannot disagree.
 
-:func:`load` turns many customers' concatenated headers and bodies into columns (numpy
-arrays, one entry per customer, per purchase day, per cancellation, per subscription) for
+:func:`load` turns many customers' concatenated parts into columns (numpy arrays, one
+entry per customer, per purchase day, per cancellation, per subscription) for
 ``retain.core.columnar``. This module imports numpy only inside :func:`load`, so writing
 facts costs no import.
 
-Layout of one customer's facts (int64 words):
+Layout of one customer's facts:
 
-* header, always seven words: purchase days, cancellations kept, subscriptions, latest
-  feedback time, latest feedback scale (0 nps, 1 csat, -1 none), its score, twice the
-  median gap between purchase days in days (-1 for fewer than two purchase days);
-* body, per purchase day, in day order: orders, amount (thousandths), first time, last
-  time (the state's own day record);
-* then per account or subscription cancellation, in (time, event id) order: time, scope
-  (0 account, 1 subscription); order cancellations are left out;
-* then per subscription: first order, last order, cancellation time (``NONE`` when absent).
+* header, 26 bytes (``HEAD``): purchase days, cancellations kept and subscriptions
+  (int32 each); latest feedback time (int64); its scale (int8: 0 nps, 1 csat, -1 none)
+  and score (int8); twice the median gap between purchase days, in days (int32; -1 for
+  fewer than two purchase days);
+* days, 24 bytes per purchase day (``DAY``), in day order: orders (int32), amount in
+  thousandths (int64), first time (int64), last time minus first time (int32, under a day);
+* rest, int64 words: per account or subscription cancellation, in (time, event id)
+  order, time and scope (0 account, 1 subscription), order cancellations left out; then
+  per subscription its first order, last order and cancellation time (``NONE`` when absent).
 """
 
 from __future__ import annotations
@@ -40,28 +41,36 @@ if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
 
-FACTS_VERSION = 1
+FACTS_VERSION = 2
 """Bumped when the layout changes; a store with another version rebuilds its facts."""
-HEADER = 7
+HEAD = "<iiiqbbi"
+DAY = "<iqqi"
 NONE = -(2**63)
 """Stands for a missing time (a subscription never cancelled, or started by its cancellation)."""
 SCALES = {"nps": 0, "csat": 1}
 ACCOUNT, SUBSCRIPTION = 0, 1
 _SCOPES = {"account": ACCOUNT, "subscription": SUBSCRIPTION}
-_HEAD = struct.Struct(f"<{HEADER}q")
+_HEAD = struct.Struct(HEAD)
+_DAY = struct.Struct(DAY)
 
 
-def pack(state: CustomerState) -> tuple[bytes, bytes]:
-    """The query facts of one customer: (header, body); layout in the module docstring."""
+def pack(state: CustomerState) -> tuple[bytes, bytes, bytes]:
+    """The query facts of one customer: (header, days, rest); layout in the module docstring."""
     days = state.days
-    words: list[int] = []
     interval = None
     if len(days) > 1:
+        flat: list[int] = []
         for day in sorted(days):
-            words += days[day]  # orders, amount, first time, last time
+            orders, amount, first, last = days[day]
+            flat += (orders, amount, first, last - first)
+        packed_days = struct.pack("<" + DAY[1:] * len(days), *flat)
         interval = state.typical_interval_days()
     elif days:
-        words += next(iter(days.values()))
+        orders, amount, first, last = next(iter(days.values()))
+        packed_days = _DAY.pack(orders, amount, first, last - first)
+    else:
+        packed_days = b""
+    words: list[int] = []
     cancels = 0
     for c in state.cancellations:
         scope = _SCOPES.get(c[1])
@@ -80,7 +89,7 @@ def pack(state: CustomerState) -> tuple[bytes, bytes]:
         0 if latest is None else latest[2],
         -1 if interval is None else int(interval * 2),  # a median of integers: n or n + 0.5
     )
-    return head, struct.pack(f"<{len(words)}q", *words)
+    return head, packed_days, struct.pack(f"<{len(words)}q", *words) if words else b""
 
 
 @dataclass
@@ -123,30 +132,42 @@ def _gather(np: Any, starts: Any, counts: Any, width: int) -> tuple[Any, Any]:
     return cust, np.repeat(starts, counts) + width * within
 
 
-def load(heads: bytes, bodies: bytes, ids: list[str] | None = None) -> Facts:
-    """Columns from the concatenated headers and bodies of many customers (in one order)."""
+def load(heads: bytes, days: bytes, rests: bytes, ids: list[str] | None = None) -> Facts:
+    """Columns from the concatenated headers, days and rests of many customers (in one order)."""
     import numpy as np
 
-    header = np.frombuffer(heads, dtype="<i8").astype(np.int64, copy=False).reshape(-1, HEADER)
-    words = np.frombuffer(bodies, dtype="<i8").astype(np.int64, copy=False)
+    head_type = np.dtype({"names": ["days", "cancels", "subs", "fb_ts", "scale", "score", "twice"],
+                          "formats": list(HEAD[1:]), "offsets": [0, 4, 8, 12, 20, 21, 22],
+                          "itemsize": struct.calcsize(HEAD)}).newbyteorder("<")
+    day_type = np.dtype({"names": ["orders", "amount", "first", "length"],
+                         "formats": list(DAY[1:]), "offsets": [0, 4, 12, 20],
+                         "itemsize": struct.calcsize(DAY)}).newbyteorder("<")
+    header = np.frombuffer(heads, dtype=head_type)
+    day = np.frombuffer(days, dtype=day_type)
+    words = np.frombuffer(rests, dtype="<i8").astype(np.int64)
     n = len(header)
-    n_days, n_cancels, n_subs = header[:, 0], header[:, 1], header[:, 2]
-    lengths = 4 * n_days + 2 * n_cancels + 3 * n_subs
-    if int(lengths.sum()) != len(words) or (ids is not None and len(ids) != n):
-        raise ValueError("query facts: headers and bodies do not match")
-    days_at = np.cumsum(lengths) - lengths
-    cancels_at = days_at + 4 * n_days
+    n_days = header["days"].astype(np.int64)
+    n_cancels = header["cancels"].astype(np.int64)
+    n_subs = header["subs"].astype(np.int64)
+    lengths = 2 * n_cancels + 3 * n_subs
+    if int(n_days.sum()) != len(day) or int(lengths.sum()) != len(words) or (
+            ids is not None and len(ids) != n):
+        raise ValueError("query facts: the parts do not match")
+    cancels_at = np.cumsum(lengths) - lengths
     subs_at = cancels_at + 2 * n_cancels
-    day_cust, day_pos = _gather(np, days_at, n_days, 4)
     cancel_cust, cancel_pos = _gather(np, cancels_at, n_cancels, 2)
     sub_cust, sub_pos = _gather(np, subs_at, n_subs, 3)
+    day_first = day["first"].astype(np.int64)
     return Facts(
         n=n, ids=ids,
         n_days=n_days, day_start=np.cumsum(n_days) - n_days,
-        feedback_ts=header[:, 3], feedback_scale=header[:, 4], feedback_score=header[:, 5],
-        twice_interval=header[:, 6],
-        day_cust=day_cust, day_orders=words[day_pos], day_amount=words[day_pos + 1],
-        day_first=words[day_pos + 2], day_last=words[day_pos + 3],
+        feedback_ts=header["fb_ts"].astype(np.int64),
+        feedback_scale=header["scale"].astype(np.int64),
+        feedback_score=header["score"].astype(np.int64),
+        twice_interval=header["twice"].astype(np.int64),
+        day_cust=np.repeat(np.arange(n, dtype=np.int64), n_days),
+        day_first=day_first, day_last=day_first + day["length"],
+        day_orders=day["orders"].astype(np.int64), day_amount=day["amount"].astype(np.int64),
         cancel_cust=cancel_cust, cancel_ts=words[cancel_pos], cancel_scope=words[cancel_pos + 1],
         sub_cust=sub_cust, sub_first=words[sub_pos], sub_last=words[sub_pos + 1],
         sub_cancelled=words[sub_pos + 2],

@@ -120,7 +120,7 @@ class LocalQuery:
             return None
         from retain.core import facts
 
-        return facts.load(found[1], found[2], found[0])
+        return facts.load(found[1], found[2], found[3], found[0])
 
     def _as_of(self, as_of_ms: int | None) -> int:
         if as_of_ms is not None:

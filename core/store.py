@@ -167,7 +167,7 @@ CREATE TABLE IF NOT EXISTS erasures (key TEXT PRIMARY KEY, cutoff_ms INTEGER NOT
 # until a writable open rebuilds the facts.
 _FACTS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS query_facts (
-    id TEXT PRIMARY KEY, head BLOB NOT NULL, body BLOB NOT NULL) WITHOUT ROWID;
+    id TEXT PRIMARY KEY, head BLOB NOT NULL, days BLOB NOT NULL, rest BLOB NOT NULL) WITHOUT ROWID;
 CREATE TRIGGER IF NOT EXISTS customers_insert_unmarks_facts AFTER INSERT ON customers
     BEGIN DELETE FROM meta WHERE key = 'query_facts'; END;
 CREATE TRIGGER IF NOT EXISTS customers_update_unmarks_facts AFTER UPDATE ON customers
@@ -248,8 +248,8 @@ class SqliteStore:
         if self._facts_marked():
             return
         with self._transaction():
+            self.db.execute("DROP TABLE IF EXISTS query_facts")  # maybe of another layout
             self._create_facts_schema()
-            self.db.execute("DELETE FROM query_facts")
             after: str | None = None
             while True:
                 rows = self.db.execute(
@@ -259,7 +259,7 @@ class SqliteStore:
                 ).fetchall()
                 if not rows:
                     break
-                self.db.executemany("INSERT INTO query_facts VALUES (?, ?, ?)",
+                self.db.executemany("INSERT INTO query_facts VALUES (?, ?, ?, ?)",
                                     [(cid, *pack(CustomerState.from_json(raw))) for cid, raw in rows])
                 after = rows[-1][0]
             self._mark_facts()
@@ -272,44 +272,60 @@ class SqliteStore:
     def _mark_facts(self) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta VALUES ('query_facts', ?)", (_FACTS_MARKER,))
 
-    def query_facts(self, with_ids: bool = False) -> tuple[list[str] | None, bytes, bytes] | None:
-        """Every committed customer's facts, in id order: (ids if asked, the headers and
-        the bodies concatenated); or None when the store cannot vouch for them: no facts
-        yet (a store written before they existed, opened read-only), or states changed in
-        this process and not yet committed.
+    def query_facts(
+        self, with_ids: bool = False, chunk: int | None = None,
+    ) -> tuple[list[str] | None, bytes, bytes, bytes] | None:
+        """Every committed customer's facts, in id order: (ids if asked, then the headers,
+        the days and the rests, each concatenated; see retain.core.facts); or None when
+        the store cannot vouch for them: no facts yet (a store written before they existed,
+        opened read-only), or states changed in this process and not yet committed.
 
-        SQLite concatenates the rows itself (``group_concat``, in chunks of
-        ``FACTS_CHUNK`` customers), so Python handles a few large strings, not a million rows.
+        SQLite concatenates the rows itself (``group_concat``), so Python handles a few
+        large strings, not a row per customer. If the result would be longer than SQLite
+        allows (a billion bytes by default), or ``chunk`` is given, it goes ``chunk``
+        customers at a time (by default ``FACTS_CHUNK``), which costs a little more.
         """
         if self._dirty:
             return None
-        columns = "count(*), max(id), CAST(group_concat(head, '') AS BLOB), " \
-            "CAST(group_concat(body, '') AS BLOB)" + (", group_concat(id, char(31))" if with_ids else "")
-        ids: list[str] = []
-        heads: list[bytes] = []
-        bodies: list[bytes] = []
-        self.db.execute("BEGIN")  # one snapshot for the marker and every chunk
+        columns = ", ".join(
+            f"CAST(group_concat({c}, '') AS BLOB)" for c in ("head", "days", "rest")
+        ) + (", group_concat(id, char(31))" if with_ids else "")
+        self.db.execute("BEGIN")  # one snapshot for the marker and every read
         try:
             if not self._facts_marked():
                 return None
-            after: str | None = None
-            while True:
-                rows = "query_facts" if after is None else "query_facts WHERE id > ?"
-                count, after, head, body, *listed = self.db.execute(
-                    f"SELECT {columns} FROM (SELECT * FROM {rows} ORDER BY id LIMIT ?)",
-                    (FACTS_CHUNK,) if after is None else (after, FACTS_CHUNK),
-                ).fetchone()
-                if not count:
-                    break
-                heads.append(head)
-                bodies.append(body or b"")
-                if with_ids:
-                    ids.extend(listed[0].split("\x1f"))  # ids hold no control characters
-                if count < FACTS_CHUNK:
-                    break
+            rows: list[tuple[Any, ...]] = []
+            if chunk is None:
+                try:
+                    rows = [self.db.execute(f"SELECT {columns} FROM query_facts").fetchone()]
+                except sqlite3.DatabaseError:  # too big for one string
+                    chunk = FACTS_CHUNK
+            if chunk is not None:
+                rows = self._facts_in_chunks(columns, chunk)
         finally:
             self.db.execute("COMMIT")
-        return (ids if with_ids else None), b"".join(heads), b"".join(bodies)
+        ids: list[str] = []
+        if with_ids:
+            for row in rows:
+                if row[3]:
+                    ids.extend(row[3].split("\x1f"))  # ids hold no control characters
+        heads, days, rests = (b"".join(row[i] or b"" for row in rows) for i in range(3))
+        return (ids if with_ids else None), heads, days, rests
+
+    def _facts_in_chunks(self, columns: str, chunk: int) -> list[tuple[Any, ...]]:
+        rows = []
+        after: str | None = None
+        while True:
+            source = "query_facts" if after is None else "query_facts WHERE id > ?"
+            count, after, *found = self.db.execute(
+                f"SELECT count(*), max(id), {columns} "
+                f"FROM (SELECT * FROM {source} ORDER BY id LIMIT ?)",
+                (chunk,) if after is None else (after, chunk),
+            ).fetchone()
+            if count:
+                rows.append(tuple(found))
+            if count < chunk:
+                return rows
 
     # -- customer state --------------------------------------------------------------
     def get(self, customer_id: str) -> CustomerState | None:
@@ -422,8 +438,8 @@ class SqliteStore:
                 if marked:
                     # An upsert rewrites the row in place: cheaper than REPLACE's delete + insert.
                     self.db.executemany(
-                        "INSERT INTO query_facts VALUES (?, ?, ?) ON CONFLICT (id) DO UPDATE "
-                        "SET head = excluded.head, body = excluded.body",
+                        "INSERT INTO query_facts VALUES (?, ?, ?, ?) ON CONFLICT (id) DO UPDATE "
+                        "SET head = excluded.head, days = excluded.days, rest = excluded.rest",
                         [(s.customer_id, *pack(s)) for s in written])
                     self._mark_facts()
             if self._signals:

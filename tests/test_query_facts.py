@@ -91,12 +91,13 @@ def test_the_store_vouches_for_its_facts(world: dict[str, Any]) -> None:
     try:
         found = store.query_facts(with_ids=True)
         assert found is not None
-        ids, heads, bodies = found
+        ids, *parts = found
         states = {s.customer_id: s for s in store.states()}
         assert ids == sorted(states)  # forgotten customers are gone from the facts too
         packed = [facts.pack(states[cid]) for cid in ids]
-        assert heads == b"".join(h for h, _ in packed)
-        assert bodies == b"".join(b for _, b in packed)
+        assert parts == [b"".join(p[i] for p in packed) for i in range(3)]
+        for chunk in (1, 7, len(ids), len(ids) + 1):  # as read when too big for one string
+            assert store.query_facts(with_ids=True, chunk=chunk) == found
     finally:
         store.close()
 
@@ -190,7 +191,7 @@ def test_risk_bound_is_never_below_the_score(world: dict[str, Any]) -> None:
     try:
         found = store.query_facts(with_ids=True)
         assert found is not None
-        loaded = facts.load(found[1], found[2], found[0])
+        loaded = facts.load(found[1], found[2], found[3], found[0])
         states = {s.customer_id: s for s in store.states()}
         for back in (0, 10, 60, 200):
             as_of = _day(world, back, 17)
@@ -273,7 +274,7 @@ def test_more_events_after_the_first_run_keep_facts_and_answers_in_step(
         found = fast.store.query_facts()  # type: ignore[attr-defined]
         assert found is not None
         packed = [facts.pack(s) for s in sorted(slow.store.states(), key=lambda s: s.customer_id)]
-        assert (found[1], found[2]) == (b"".join(h for h, _ in packed), b"".join(b for _, b in packed))
+        assert list(found[1:]) == [b"".join(p[i] for p in packed) for i in range(3)]
         for name in ("retention", "cohorts", "lifecycle"):
             assert fast.metric(name) == slow.metric(name)
         assert fast.at_risk(top=30) == slow.at_risk(top=30)
@@ -299,8 +300,8 @@ def _loaded(states: list[CustomerState]) -> tuple[list[CustomerState], facts.Fac
     for i, state in enumerate(states):
         state.customer_id = f"c{i:03d}"
     packed = [facts.pack(s) for s in states]
-    return states, facts.load(b"".join(h for h, _ in packed), b"".join(b for _, b in packed),
-                              [s.customer_id for s in states])
+    return states, facts.load(*(b"".join(p[i] for p in packed) for i in range(3)),
+                              ids=[s.customer_id for s in states])
 
 
 @PROPERTY
