@@ -40,6 +40,11 @@ ROCKSDB_OPTIONS: dict[str, int] = {
 
 PRODUCER_MAX_REQUEST_BYTES = 8 * 1024 * 1024
 
+PRODUCER_BATCH_BYTES = 256 * 1024
+"""Records per topic partition that the producer sends as one batch (Faust's default,
+16 KiB, split a save into hundreds of batches, each handled on its own by the producer's
+Python sender and by the brokers). Well below the brokers' default limit of 1 MB a batch."""
+
 _RUNTIME_ATTR = "_retain_runtime"
 
 
@@ -76,6 +81,7 @@ def create_app(settings: Settings, *, partitions: int | None = None) -> Any:
         # Let the brokers' limit decide: anything the events topic accepted can then be
         # set aside whole (Faust's own default, 1,000,000 bytes, is below Kafka's).
         producer_max_request_size=PRODUCER_MAX_REQUEST_BYTES,
+        producer_max_batch_size=PRODUCER_BATCH_BYTES,
     )
 
     topics = Topics(
