@@ -182,12 +182,12 @@ async def deliver(producer: Any, records: Sequence[Record]) -> list[Any]:
         together = [i for i in pending
                     if i not in alone and records[i].topic not in one_at_a_time]
         futures = [await _send(producer, records[i]) for i in together]
-        outcomes = dict(zip(together, await asyncio.gather(*futures, return_exceptions=True),
-                            strict=True))
+        outcomes: dict[int, Any] = {}
+        for i, future in zip(together, futures, strict=True):
+            outcomes[i] = await _outcome(future)
         for i in pending:
             if i not in outcomes:  # its own batch: wait for it before sending the next
-                [outcomes[i]] = await asyncio.gather(await _send(producer, records[i]),
-                                                     return_exceptions=True)
+                outcomes[i] = await _outcome(await _send(producer, records[i]))
         failed = []
         wait = False
         for i in pending:
@@ -236,6 +236,23 @@ async def _send(producer: Any, r: Record) -> Any:
 
 async def _failed(exc: BaseException) -> Any:
     raise exc
+
+
+async def _outcome(future: Any) -> Any:
+    """The result of a send, or its exception.
+
+    The futures are awaited one by one (not gathered): a producer completes a whole batch
+    of them at once, and a future that nobody waits on yet completes without scheduling
+    a callback, so this costs one wake-up per batch rather than one per record.
+    """
+    try:
+        return await future
+    except asyncio.CancelledError:
+        if isinstance(future, asyncio.Future) and future.cancelled():
+            return asyncio.CancelledError()  # the send was cancelled, not this task
+        raise
+    except Exception as exc:
+        return exc
 
 
 def _too_large(exc: BaseException) -> bool:
@@ -363,7 +380,7 @@ class TableStore:
     states with their offsets, recent lists, the partition's meta and counters (at most
     :data:`CACHED_CUSTOMERS` customers). The Engine changes states in place, so a batch
     takes an entry out of this cache when it first reads it, and :meth:`hand_over` puts
-    back only what the batch wrote, once its records are fixed as bytes (:func:`prepare`).
+    it back once the batch's records are fixed as bytes (:func:`prepare`).
     A batch that is dropped instead (:meth:`begin` without a save) leaves nothing of its
     changes behind: what it took out is read again from ``in_flight`` (the records of a
     batch being saved, shared by every store of the partition) or from the local store.
@@ -408,17 +425,16 @@ class TableStore:
         self._reset()
 
     def hand_over(self) -> None:
-        """The batch's records are fixed (:func:`prepare`): keep what it wrote for the
-        next batches, and begin anew."""
+        """The batch's records are fixed (:func:`prepare`): keep what it wrote, and what
+        it only read, for the next batches; and begin anew."""
         self._writable()
-        for cid in self._dirty:
-            self._saved_states.pop(cid, None)
-            state = self._states.get(cid)
+        for cid, state in self._states.items():
+            self._saved_states.pop(cid, None)  # (to the end of the LRU order)
             if state is not None:
-                self._saved_states[cid] = (state, self._done(cid))
-        for slot in self._dirty_rows:
+                offset = self._done(cid) if cid in self._dirty else self._offsets.get(cid, -1)
+                self._saved_states[cid] = (state, offset)
+        for slot, rows in self._rows.items():  # never changed in place: a new list each time
             self._saved_rows.pop(slot, None)
-            rows = self._rows[slot]
             if rows is not None:
                 self._saved_rows[slot] = rows
         for cache in (self._saved_states, self._saved_rows):

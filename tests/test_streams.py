@@ -839,3 +839,28 @@ def test_a_batch_redone_after_a_processing_error_starts_from_the_saved_state(
     assert stats["applied"] == 3 and stats.get("duplicate", 0) == 0
     assert stats["processing_errors"] == 1
     assert [m[1] for m in broker.topics["dead"]] == [orjson.dumps(_event("c1", "boom", 4))]
+
+
+@pytest.mark.parametrize(("offset", "highwater", "behind"), [
+    (8, 10, True),     # offset 9 is in the log: it is on its way, let the batch grow
+    (9, 10, False),    # the last message of the log: save now, for latency
+    (9, None, False),  # the consumer has not heard yet
+])
+def test_a_worker_behind_counts_the_rest_of_the_log_as_waiting(
+    offset: int, highwater: int | None, behind: bool
+) -> None:
+    """Faust hands fetched messages over one at a time, so the agent's buffer looks empty
+    between two of them; the partition's high watermark says whether more are coming."""
+    from types import SimpleNamespace
+
+    from retain.streams.agent import Runtime, Topics
+
+    consumer = SimpleNamespace(highwater=lambda tp: highwater)
+    broker = FakeBroker()
+    runtime = Runtime(SimpleNamespace(producer=broker, consumer=consumer), Settings(),
+                      broker.recovered_tables(), Topics(None, "dead", "late", "signals",
+                                                        "actions"))
+    try:
+        assert runtime.behind(FakeMessage(b"c1", b"{}", 0, offset, None)) is behind
+    finally:
+        runtime.host.close()
