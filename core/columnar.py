@@ -289,14 +289,42 @@ def _pick(values: Ints, index: Ints, where: npt.NDArray[np.bool_]) -> Ints:
     return np.where(where, values[np.clip(index, 0, len(values) - 1)], 0)
 
 
+def _rounded(x: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
+    """Python's ``round(x, 1)`` elementwise, and where numpy's rounding may differ from it.
+
+    ``rint(10 x) / 10`` is the double nearest to k / 10, as ``round`` gives, whenever 10 x
+    is clearly away from a half: only there can the product's own rounding move k.
+    """
+    tenfold = x * 10
+    close = np.abs(tenfold - np.floor(tenfold) - 0.5) < 1e-6
+    return np.rint(tenfold) / 10, close
+
+
+def _p_alive_part(facts: Facts, t_day: int, model: Any) -> tuple[Any, Any]:
+    """20 x (1 - P(alive)) for repeat buyers (``PAliveDetector._probability``), rounded."""
+    from retain.core import btyd
+
+    repeat = facts.n_days > 1
+    first_day = _pick(facts.day_first, facts.day_start, repeat) // DAY_MS
+    last_day = _pick(facts.day_first, facts.day_start + facts.n_days - 1, repeat) // DAY_MS
+    frequency = np.where(repeat, facts.n_days - 1, 0)
+    recency = last_day - first_day
+    age = np.maximum(np.maximum(t_day - first_day, recency), 0)
+    unit = 7.0 if model.time_unit == "week" else 1.0
+    alive = btyd.p_alive(model, frequency, recency / unit, age / unit)
+    part, close = _rounded(20 * (1 - alive))
+    return np.where(repeat, part, 0.0), repeat & close
+
+
 def risk_bound(facts: Facts, as_of_ms: int, settings: SignalSettings,
                model: Any) -> tuple[Ints, Ints]:
     """(upper bound of ``signals.risk_score``, total spend) per customer.
 
-    Every component is computed as ``risk_score`` computes it, in floating point; the
-    bound adds the most the roundings can add (0.05 per rounded component, 0.5 for the
-    total) and a margin, so the bound is never below the score. P(alive) is bounded by
-    its maximum, 20, for every repeat buyer.
+    The bound is the score itself, computed as ``risk_score`` computes it, with the same
+    floating-point operations in the same order (so the same doubles): integer quotients
+    below 2**53 and IEEE products and sums round alike in numpy and Python. Only
+    ``round(x, 1)`` is done differently; where that could differ (10 x within 1e-6 of a
+    half), the bound is one more than the score computed, which covers either outcome.
     """
     n = facts.n
     t_day = as_of_ms // DAY_MS
@@ -314,9 +342,10 @@ def risk_bound(facts: Facts, as_of_ms: int, settings: SignalSettings,
     wait_days = np.where(facts.twice_interval < 0, float(settings.lapse_horizon_days),
                          np.maximum(settings.lapse_factor * interval, float(settings.lapse_min_days)))
     due = latest + (wait_days * DAY_MS).astype(np.int64)
+    due = np.where(due == 0, before, due)  # risk_score: lapse_due_ms(...) or last
     span = np.maximum(due - before, DAY_MS)
     overdue = np.maximum(0.0, (as_of_ms - before) / span)
-    score = np.minimum(1.0, overdue / 1.5) * 45
+    score, doubt = _rounded(np.minimum(1.0, overdue / 1.5) * 45)
     bad = ((facts.feedback_scale == 0) & (facts.feedback_score <= 6)) | (
         (facts.feedback_scale == 1) & (facts.feedback_score <= 2))
     recent = (facts.feedback_ts > as_of_ms - 90 * DAY_MS) & (facts.feedback_ts <= as_of_ms)
@@ -335,11 +364,14 @@ def risk_bound(facts: Facts, as_of_ms: int, settings: SignalSettings,
         facts, np.where((day > t_day - 2 * width) & (day <= t_day - width), facts.day_amount, 0))
     declined = (before_spend > 0) & (recent_spend < before_spend * settings.spend_decline_ratio)
     with np.errstate(divide="ignore", invalid="ignore"):
-        drop = np.where(declined, 15 * (1 - recent_spend / np.maximum(before_spend, 1)), 0.0)
-    score += drop
+        drop, close = _rounded(15 * (1 - recent_spend / np.maximum(before_spend, 1)))
+    score += np.where(declined, drop, 0.0)
+    doubt |= declined & close
     if model is not None:
-        score += np.where(facts.n_days > 1, 20.0, 0.0)
-    bound = np.minimum(100, np.floor(score + 0.66)).astype(np.int64)
+        part, close = _p_alive_part(facts, t_day, model)
+        score += part
+        doubt |= close
+    bound = np.minimum(100, np.rint(score) + doubt).astype(np.int64)
     bound[~bought] = 0  # risk_score is 0 without a purchase at or before as_of
     return bound, _per_customer_sum(facts, facts.day_amount)
 
