@@ -608,10 +608,12 @@ def install(app: Any, runtime: Runtime) -> Callable[..., Any]:
         # in the background would go unnoticed.
         while True:
             await asyncio.sleep(IDLE_FLUSH_S)
-            idle = time.monotonic() - runtime.last_added >= IDLE_FLUSH_S
-            if (runtime.pending and idle) or runtime.saved_in_background:
-                async with runtime.lock:  # (a failed save stops the worker here)
+            if runtime.pending and time.monotonic() - runtime.last_added >= IDLE_FLUSH_S:
+                async with runtime.lock:
                     await _flush(app, runtime, wait=False)
+            elif runtime.saved_in_background:  # only look: a failed save stops the worker
+                async with runtime.lock:
+                    await _stop_on_failure(app, runtime.settle())
             if runtime.gaps:
                 async with runtime.lock:
                     for rewind in runtime.overdue_rewinds():
@@ -655,8 +657,12 @@ def keep_buffered(app: Any, stream: Any) -> None:
 
 
 async def _flush(app: Any, runtime: Runtime, wait: bool = True) -> None:
+    await _stop_on_failure(app, runtime.flush(wait))
+
+
+async def _stop_on_failure(app: Any, saving: Awaitable[None]) -> None:
     try:
-        await runtime.flush(wait)
+        await saving
     except asyncio.CancelledError:
         raise
     except Exception as exc:
