@@ -532,10 +532,11 @@ class Runtime:
         return None if highwater is None else max(0, highwater - done - 1)
 
     def behind(self, message: Any) -> bool:
-        """Whether the events topic holds further messages of this one's partition (as
-        far as the consumer has heard): then they are on their way to the agent."""
+        """Whether the events topic holds a full batch or more of further messages of
+        this one's partition (as far as the consumer has heard): the worker is behind,
+        and they are on their way to the agent."""
         highwater = self._highwater(message.partition)
-        return highwater is not None and message.offset + 1 < highwater
+        return highwater is not None and highwater - message.offset - 1 >= BATCH_MAX
 
     def _highwater(self, partition: int) -> int | None:
         tp = self._tps.get(partition)
@@ -572,10 +573,12 @@ def save_now(pending: int, age_s: float, more_waiting: bool) -> bool:
     costs fewer round trips per message. (A fixed 250 ms age alone gave p50 170-200 ms at
     half the maximum rate; a fixed 50 ms cut the maximum rate by a third.)
 
-    The agent counts as waiting the messages in its buffer and those further on in the
-    partition's log: Faust hands fetched messages over one at a time, so the buffer alone
-    looks empty between two of them, and a worker far behind saved batches of a few
-    messages as soon as its saves stopped holding it up.
+    The agent counts as waiting the messages in its buffer, and a full batch or more
+    further on in the partition's log (:meth:`Runtime.behind`): Faust hands fetched
+    messages over one at a time, so the buffer alone looks empty between two of them, and
+    a worker far behind saved batches of a few messages as soon as its saves stopped
+    holding it up. A worker that keeps up is only a few messages behind, and still saves
+    as soon as its buffer is empty.
     """
     if pending == 0:
         return False

@@ -842,15 +842,17 @@ def test_a_batch_redone_after_a_processing_error_starts_from_the_saved_state(
 
 
 @pytest.mark.parametrize(("offset", "highwater", "behind"), [
-    (8, 10, True),     # offset 9 is in the log: it is on its way, let the batch grow
-    (9, 10, False),    # the last message of the log: save now, for latency
+    (8, 509, True),    # a full batch further on in the log: let the batch grow
+    (9, 509, False),   # fewer: the worker keeps up, its buffer decides
+    (9, 10, False),    # the last message of the log
     (9, None, False),  # the consumer has not heard yet
 ])
 def test_a_worker_behind_counts_the_rest_of_the_log_as_waiting(
     offset: int, highwater: int | None, behind: bool
 ) -> None:
     """Faust hands fetched messages over one at a time, so the agent's buffer looks empty
-    between two of them; the partition's high watermark says whether more are coming."""
+    between two of them; the partition's high watermark says whether the worker is behind
+    (and more messages are coming)."""
     from types import SimpleNamespace
 
     from retain.streams.agent import Runtime, Topics
