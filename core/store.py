@@ -214,6 +214,8 @@ class SqliteStore:
             self._release()
             raise StoreError(f"{path} is not a usable retain store: {exc}") from None
         self._cache: dict[str, CustomerState] = {}
+        # The query facts this process last committed, per customer still in the cache.
+        self._facts_written: dict[str, bytes] = {}
         self._dirty: set[str] = set()
         self._signals: list[tuple[Any, ...]] = []
         self._actions: list[tuple[Any, ...]] = []
@@ -403,6 +405,7 @@ class SqliteStore:
         self.commit()
         state = self.get(customer_id)
         self._cache.pop(customer_id, None)
+        self._facts_written.pop(customer_id, None)
         self._dirty.discard(customer_id)
         with self._transaction():
             marked = self._facts_marked()
@@ -427,6 +430,7 @@ class SqliteStore:
         """Write every buffered change, and the meta (input position) with it, atomically."""
         if self.readonly or not (self._dirty or self._signals or self._actions or self._meta):
             return
+        changed: list[tuple[str, bytes, bytes, bytes]] = []
         with self._transaction():
             if self._dirty:
                 marked = self._facts_marked()
@@ -436,11 +440,18 @@ class SqliteStore:
                     [(s.customer_id, s.due_ms, s.to_json()) for s in written],
                 )
                 if marked:
+                    # Facts often stay the same (a woken detector, consent, plugin state
+                    # change only the state); those written before are not written again.
+                    before = self._facts_written
+                    for state in written:
+                        packed = pack(state)
+                        if before.get(state.customer_id) != b"".join(packed):
+                            changed.append((state.customer_id, *packed))
                     # An upsert rewrites the row in place: cheaper than REPLACE's delete + insert.
                     self.db.executemany(
                         "INSERT INTO query_facts VALUES (?, ?, ?, ?) ON CONFLICT (id) DO UPDATE "
                         "SET head = excluded.head, days = excluded.days, rest = excluded.rest",
-                        [(s.customer_id, *pack(s)) for s in written])
+                        changed)
                     self._mark_facts()
             if self._signals:
                 self.db.executemany("INSERT OR IGNORE INTO signals VALUES (?, ?, ?, ?, ?, ?)",
@@ -451,6 +462,7 @@ class SqliteStore:
             if self._meta:
                 self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
                                     [(k, orjson.dumps(v)) for k, v in self._meta.items()])
+        self._facts_written.update((cid, head + days + rest) for cid, head, days, rest in changed)
         self._dirty.clear()
         self._signals.clear()
         self._actions.clear()
@@ -467,6 +479,7 @@ class SqliteStore:
         excess = len(self._cache) - int(self.cache_limit * 0.8)
         for customer_id in list(itertools.islice(self._cache, excess)):
             del self._cache[customer_id]
+            self._facts_written.pop(customer_id, None)
         self._fresh = False
 
     def _transaction(self) -> _Transaction:

@@ -365,3 +365,21 @@ def test_columnar_at_risk_equals_the_ranking_on_random_customers(
     expected = rank_at_risk(states, as_of, settings, None, top, min_score)
     assert [t[2] for t in sorted(kept, key=lambda t: t[:3], reverse=True)] == \
         [r["customer_id"] for r in expected]
+
+
+def test_facts_stay_in_step_through_small_batches_and_a_small_cache(world: dict[str, Any]) -> None:
+    """Facts that did not change are not written again; evicted or not, every customer's
+    stored facts are those of the stored state."""
+    data_dir = world["tmp"] / "small-cache"
+    settings = Settings(data_dir=data_dir, sinks=["jsonl"], batch_size=37)
+    store = SqliteStore(settings.store_path, cache_limit=100)
+    try:
+        engine = Engine(settings, store, PluginHost(settings, entry_points=False))
+        Runner(engine, data_dir / "rejects.jsonl").run(str(world["events"]))
+    finally:
+        store.close()
+    with SqliteStore(settings.store_path, readonly=True) as reader:
+        found = reader.query_facts(with_ids=True)
+        assert found is not None
+        packed = [facts.pack(s) for s in sorted(reader.states(), key=lambda s: s.customer_id)]
+        assert list(found[1:]) == [b"".join(p[i] for p in packed) for i in range(3)]
