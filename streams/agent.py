@@ -52,7 +52,7 @@ from retain.core.engine import Engine, Outcome
 from retain.core.events import AnyEvent, EventError, decode_event, epoch_ms
 from retain.core.logs import get_logger
 from retain.core.manager import PluginHost
-from retain.streams.tables import Record, Tables, TableStore, deliver, prepare, save
+from retain.streams.tables import Record, Saved, Tables, TableStore, deliver, prepare, save
 
 log = get_logger("retain.streams")
 
@@ -173,9 +173,10 @@ class Partition:
     """One assigned partition: its store and its Engine (with its own clock)."""
 
     def __init__(self, partition: int, tables: Tables, settings: Settings,
-                 host: PluginHost, in_flight: dict[tuple[str, bytes], bytes | None]) -> None:
+                 host: PluginHost, in_flight: dict[tuple[str, bytes], bytes | None],
+                 saved: Saved) -> None:
         self.partition = partition
-        self.store = TableStore(tables, partition, in_flight=in_flight)
+        self.store = TableStore(tables, partition, in_flight=in_flight, saved=saved)
         self.engine = Engine(settings, self.store, host, model=None, sinks=[])
 
 
@@ -201,6 +202,7 @@ class Runtime:
         self._saving: asyncio.Future[None] | None = None  # the batch being saved
         self._in_flight: dict[int, dict[tuple[str, bytes], bytes | None]] = {}
         self._tps: dict[int, Any] = {}  # partition -> Faust TP of the events topic
+        self._saved = Saved()  # decoded records between batches, worker-wide
         self._new_batch()
 
     def _new_batch(self) -> None:
@@ -217,13 +219,15 @@ class Runtime:
         part = self.partitions.get(p)
         if part is None:
             part = self.partitions[p] = Partition(p, self.tables, self.settings, self.host,
-                                                  self._in_flight.setdefault(p, {}))
+                                                  self._in_flight.setdefault(p, {}),
+                                                  self._saved)
         return part
 
     def reset(self) -> None:
         """Forget every Engine: after a rebalance another worker may have moved them on."""
         self.partitions.clear()
         self._in_flight.clear()  # (empty: the caller has waited for the last save)
+        self._saved = Saved()  # another worker may have changed them meanwhile
         self._next.clear()
         self.gaps.clear()
 

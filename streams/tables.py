@@ -51,9 +51,10 @@ RECENT_LIMIT = 20
 topics keep them all). Each change rewrites the list, so keep it short."""
 
 CACHED_CUSTOMERS = 4096
-"""Per partition, how many customers' saved records (the decoded state with its offset,
+"""Per worker, how many customers' saved records (the decoded state with its offset,
 and the recent lists) stay in memory between batches, least recently used out first.
-A customer seen again is then neither read from RocksDB nor decoded again."""
+A customer seen again is then neither read from RocksDB nor decoded again. Decoded, a
+simulated year's state and its recent lists take about 20 KB, so at most ~80 MB."""
 
 ERASED_PREFIX = b"\x00erased:"
 """Erasure markers share the customers table; no customer id can start with a NUL."""
@@ -368,6 +369,22 @@ def _same(value: Any) -> Any:
 
 
 # -- the store -------------------------------------------------------------------------
+class Saved:
+    """Decoded records as a worker's batches wrote them (or read them unchanged), by
+    partition: shared by the stores of a worker, at most :data:`CACHED_CUSTOMERS` of each
+    kind, least recently used out first. Valid while the worker owns the partitions."""
+
+    def __init__(self, limit: int = CACHED_CUSTOMERS) -> None:
+        self.limit = limit
+        self.states: OrderedDict[tuple[int, str], tuple[CustomerState, int]] = OrderedDict()
+        self.rows: OrderedDict[tuple[int, str, str], list[dict[str, Any]]] = OrderedDict()
+
+    def trim(self) -> None:
+        for cache in (self.states, self.rows):
+            while len(cache) > self.limit:
+                cache.popitem(last=False)
+
+
 class TableStore:
     """``core.store.Store`` over the tables, for one partition (read-write) or for every
     partition assigned to this worker (``partition=None``: read-only, for queries).
@@ -376,14 +393,15 @@ class TableStore:
     offset processed, and :func:`save` writes the batch; in between the Engine reads and
     writes an in-memory overlay.
 
-    Between batches, a partition's store keeps what its batches wrote, decoded: customer
-    states with their offsets, recent lists, the partition's meta and counters (at most
-    :data:`CACHED_CUSTOMERS` customers). The Engine changes states in place, so a batch
-    takes an entry out of this cache when it first reads it, and :meth:`hand_over` puts
-    it back once the batch's records are fixed as bytes (:func:`prepare`).
-    A batch that is dropped instead (:meth:`begin` without a save) leaves nothing of its
-    changes behind: what it took out is read again from ``in_flight`` (the records of a
-    batch being saved, shared by every store of the partition) or from the local store.
+    Between batches, what the batches wrote stays decoded: customer states with their
+    offsets and recent lists in ``saved`` (:class:`Saved`, shared by the worker's
+    stores), the partition's meta and counters in the store. The Engine changes states in
+    place, so a batch takes an entry out when it first reads it, and :meth:`hand_over`
+    puts it back once the batch's records are fixed as bytes (:func:`prepare`). A batch
+    that is dropped instead (:meth:`begin` without a save) leaves nothing of its changes
+    behind: what it took out is read again from ``in_flight`` (the records of a batch
+    being saved, shared by every store of the partition) or from the local store, and
+    what it did not take out is as saved.
     """
 
     def __init__(
@@ -392,6 +410,7 @@ class TableStore:
         partition: int | None,
         assigned: Callable[[], set[int]] | None = None,
         in_flight: dict[tuple[str, bytes], bytes | None] | None = None,
+        saved: Saved | None = None,
     ) -> None:
         self.tables = tables
         self.partition = partition
@@ -399,8 +418,7 @@ class TableStore:
         self.in_flight: dict[tuple[str, bytes], bytes | None] = (
             {} if in_flight is None else in_flight)
         self._offset = -1
-        self._saved_states: OrderedDict[str, tuple[CustomerState, int]] = OrderedDict()
-        self._saved_rows: OrderedDict[tuple[str, str], list[dict[str, Any]]] = OrderedDict()
+        self._saved = Saved() if saved is None else saved
         self._saved_meta: tuple[dict[str, Any], int] | None = None
         self._saved_stats: tuple[dict[str, int], int] | None = None
         self._reset()
@@ -427,19 +445,18 @@ class TableStore:
     def hand_over(self) -> None:
         """The batch's records are fixed (:func:`prepare`): keep what it wrote, and what
         it only read, for the next batches; and begin anew."""
-        self._writable()
+        p = self._writable()
+        states, saved_rows = self._saved.states, self._saved.rows
         for cid, state in self._states.items():
-            self._saved_states.pop(cid, None)  # (to the end of the LRU order)
+            states.pop((p, cid), None)  # (to the end of the LRU order)
             if state is not None:
                 offset = self._done(cid) if cid in self._dirty else self._offsets.get(cid, -1)
-                self._saved_states[cid] = (state, offset)
-        for slot, rows in self._rows.items():  # never changed in place: a new list each time
-            self._saved_rows.pop(slot, None)
+                states[(p, cid)] = (state, offset)
+        for (table, cid), rows in self._rows.items():  # never changed in place
+            saved_rows.pop((p, table, cid), None)
             if rows is not None:
-                self._saved_rows[slot] = rows
-        for cache in (self._saved_states, self._saved_rows):
-            while len(cache) > CACHED_CUSTOMERS:
-                cache.popitem(last=False)
+                saved_rows[(p, table, cid)] = rows
+        self._saved.trim()
         if self._offset >= 0:  # as changes() wrote them
             if self._meta is not None:
                 self._saved_meta = (self._meta, self._offset)
@@ -551,7 +568,8 @@ class TableStore:
     def get(self, customer_id: str) -> CustomerState | None:
         if customer_id in self._states:
             return self._states[customer_id]
-        saved = self._saved_states.pop(customer_id, None)
+        saved = (None if self.partition is None
+                 else self._saved.states.pop((self.partition, customer_id), None))
         if saved is not None:
             self._states[customer_id], self._offsets[customer_id] = saved
             return saved[0]
@@ -604,7 +622,8 @@ class TableStore:
     def _recent(self, table: str, customer_id: str) -> list[dict[str, Any]] | None:
         slot = (table, customer_id)
         if slot not in self._rows:
-            saved = self._saved_rows.pop(slot, None)
+            saved = (None if self.partition is None
+                     else self._saved.rows.pop((self.partition, table, customer_id), None))
             if saved is not None:
                 self._rows[slot] = saved
             else:

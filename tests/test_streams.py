@@ -866,3 +866,43 @@ def test_a_worker_behind_counts_the_rest_of_the_log_as_waiting(
         assert runtime.behind(FakeMessage(b"c1", b"{}", 0, offset, None)) is behind
     finally:
         runtime.host.close()
+
+
+def test_the_decoded_records_kept_between_batches_are_bounded() -> None:
+    """The worker keeps at most a fixed number of decoded customers, least recently used
+    out first; one pushed out is read from the table again, as saved."""
+    from types import SimpleNamespace
+
+    from retain.streams.agent import Runtime, Topics
+
+    broker = FakeBroker()
+    tables = broker.recovered_tables()
+    counting = CountingStore()
+    tables = type(tables)(FakeTable("app-customers-changelog", counting), *[
+        tables.signals, tables.actions, tables.meta])
+    runtime = Runtime(SimpleNamespace(producer=broker), Settings(), tables,
+                      Topics(None, "dead", "late", "signals", "actions"))
+    runtime._saved.limit = 2
+
+    async def batches() -> None:
+        for offset, customer in enumerate(["c1", "c2", "c3"]):
+            runtime.add(SimpleNamespace(message=FakeMessage(
+                customer.encode(), orjson.dumps(_event(customer, f"e{offset}", 1)), 0, offset,
+                None)))
+        await runtime.flush()
+        counting.reads = 0
+        for offset, customer in enumerate(["c3", "c2", "c1"], start=3):
+            runtime.add(SimpleNamespace(message=FakeMessage(
+                customer.encode(), orjson.dumps(_event(customer, f"e{offset}", 2)), 0, offset,
+                None)))
+        await runtime.flush()
+
+    try:
+        asyncio.run(batches())
+    finally:
+        runtime.host.close()
+    assert len(runtime._saved.states) == 2
+    assert counting.reads == 1  # c1 only: pushed out by c2 and c3
+    for customer in ("c1", "c2", "c3"):
+        record = orjson.loads(broker.recovered_tables().customers.data[customer.encode()])
+        assert len(record["s"]["days"]) == 2
