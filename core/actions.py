@@ -31,6 +31,11 @@ class _ActionBase(BaseModel):
     status: Literal["proposed", "emitted", "suppressed"] = "proposed"
     reason: str | None = None
 
+    def to_json(self) -> bytes:
+        """The action as JSON, exactly as stored and delivered (the same bytes as
+        ``orjson.dumps(action.model_dump(mode="json"))``, in a third of the time)."""
+        return self.__pydantic_serializer__.to_json(self)
+
     @property
     def channel_needed(self) -> str | None:
         return getattr(self, "channel", None) if self.kind in OUTREACH_KINDS else None  # type: ignore[attr-defined]
@@ -84,14 +89,8 @@ def action_from_dict(data: dict[str, Any]) -> Action:
     return _adapter.validate_python(data)  # type: ignore[no-any-return]
 
 
-def action_json(action: Action) -> bytes:
-    """The action as JSON, exactly as stored and delivered (the same bytes as dumping
-    ``action_to_dict``, in a third of the time)."""
-    return action.__pydantic_serializer__.to_json(action)
-
-
 def action_to_dict(action: Action) -> dict[str, Any]:
-    return orjson.loads(action_json(action))  # type: ignore[no-any-return]
+    return orjson.loads(action.to_json())  # type: ignore[no-any-return]
 
 
 def stamp(action: Action, *, customer_id: str, strategy: str, cause: str, at_ms: int) -> Action:
@@ -155,7 +154,6 @@ __all__ = [
     "SendMessage",
     "SendSurvey",
     "action_from_dict",
-    "action_json",
     "action_to_dict",
     "apply_policy",
     "stamp",

@@ -63,7 +63,7 @@ def _signal_row(s: Signal) -> tuple[Any, ...]:
 
 
 def _action_row(a: Action) -> tuple[Any, ...]:
-    body = orjson.dumps(a.model_dump(mode="json"))
+    body = a.to_json()
     return (a.action_id, a.customer_id, a.strategy, a.kind, a.status, a.at_ms, body)
 
 
@@ -103,7 +103,7 @@ class MemoryStore:
 
     def add_actions(self, actions: Iterable[Action]) -> None:
         for a in actions:
-            self._actions.setdefault(a.action_id, a.model_dump(mode="json"))
+            self._actions.setdefault(a.action_id, orjson.loads(a.to_json()))
 
     def signals(self, customer_id: str | None = None, kind: str | None = None,
                 limit: int | None = None) -> list[dict[str, Any]]:
@@ -147,7 +147,7 @@ class MemoryStore:
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS customers (
-    id TEXT PRIMARY KEY, due_ms INTEGER, state BLOB NOT NULL) WITHOUT ROWID;
+    id TEXT PRIMARY KEY, due_ms INTEGER, state BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS signals (
     signal_id TEXT PRIMARY KEY, customer_id TEXT NOT NULL, kind TEXT NOT NULL,
     score INTEGER NOT NULL, at_ms INTEGER NOT NULL, body BLOB NOT NULL);
