@@ -92,23 +92,45 @@ def channel_for(state: CustomerState, fallback: str) -> str:
     return state.preferred_channel() or fallback
 
 
-_related_maps: dict[int, tuple[PersonalisationOptions, dict[str, list[str]]]] = {}
+class _Suggester:
+    """Suggestions for one options object. They depend only on the customer's favourite
+    categories, and few such lists recur, so each is worked out once (up to a bound)."""
+
+    LIMIT = 4096
+
+    def __init__(self, opts: PersonalisationOptions) -> None:
+        self.opts = opts
+        self.related = opts.related_map()
+        self.by_top: dict[tuple[str, ...], list[str]] = {}
+
+    def __call__(self, top: list[str]) -> list[str]:
+        key = tuple(top)
+        found = self.by_top.get(key)
+        if found is None:
+            if len(self.by_top) >= self.LIMIT:
+                self.by_top.clear()
+            found = self.by_top[key] = self._pick(top)
+        return list(found)
+
+    def _pick(self, top: list[str]) -> list[str]:
+        picked: list[str] = []
+        for round_ in itertools.zip_longest(*(self.related.get(c, []) for c in top)):
+            for product in round_:
+                if product is not None and product not in picked and product not in top:
+                    picked.append(product)
+        return (picked or top)[: self.opts.max_suggestions]
+
+
+_suggesters: dict[int, _Suggester] = {}
 
 
 def suggestions(state: CustomerState, opts: PersonalisationOptions) -> list[str]:
     """Related products for the top categories, taken in turn from each so every favourite
     is represented; the categories themselves when none has related products."""
-    top = state.top_categories(opts.affinity_categories)
-    related = _related_maps.get(id(opts), (None, None))[1]
-    if related is None:  # merged once per options object, not at every follow-up
-        related = opts.related_map()
-        _related_maps[id(opts)] = (opts, related)
-    picked: list[str] = []
-    for round_ in itertools.zip_longest(*(related.get(c, []) for c in top)):
-        for product in round_:
-            if product is not None and product not in picked and product not in top:
-                picked.append(product)
-    return (picked or top)[: opts.max_suggestions]
+    suggester = _suggesters.get(id(opts))
+    if suggester is None or suggester.opts is not opts:
+        suggester = _suggesters[id(opts)] = _Suggester(opts)
+    return suggester(state.top_categories(opts.affinity_categories))
 
 
 @hookimpl
