@@ -28,10 +28,12 @@ Messages are processed in small batches, saved as soon as no further message is 
 (group commit, :func:`save_now`), and acknowledged to Faust by hand (the stream is
 ``noack``) only once :func:`~retain.streams.tables.save` has made the batch durable --
 signals and emitted actions (keyed by their ids) before the customers' state, the state
-before the partition's "done up to here" offset. A crash or a stop at any point can
-repeat outputs (same keys: consumers de-duplicate) but never lose them, and a redelivered
-message never changes state twice. An unexpected error while processing one message is
-logged with its traceback and dead-lettered; the stream goes on.
+before the partition's "done up to here" offset. The next batch is processed while a
+batch is being saved (its records are fixed as bytes first, and saves still run one after
+the other). A crash or a stop at any point can repeat outputs (same keys: consumers
+de-duplicate) but never lose them, and a redelivered message never changes state twice.
+An unexpected error while processing one message is logged with its traceback and
+dead-lettered; the stream goes on.
 """
 
 from __future__ import annotations
@@ -52,7 +54,16 @@ from retain.core.engine import Engine, Outcome
 from retain.core.events import AnyEvent, EventError, decode_event, epoch_ms
 from retain.core.logs import get_logger
 from retain.core.manager import PluginHost
-from retain.streams.tables import Record, Saved, Tables, TableStore, deliver, prepare, save
+from retain.streams.tables import (
+    Record,
+    Saved,
+    Steps,
+    Tables,
+    TableStore,
+    deliver,
+    prepare,
+    save,
+)
 
 log = get_logger("retain.streams")
 
@@ -407,7 +418,7 @@ class Runtime:
         """A batch was saved (or failed to be) and :meth:`settle` has not looked yet."""
         return self._saving is not None and self._saving.done()
 
-    async def _save(self, steps: Any, outputs: list[Record], events: list[Any]) -> None:
+    async def _save(self, steps: Steps, outputs: list[Record], events: list[Any]) -> None:
         await save(self.app.producer, steps, outputs)
         self.counts["messages"] += len(events)
         self.counts["batches"] += 1

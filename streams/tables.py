@@ -20,11 +20,12 @@ comparing its offset with ``o`` tells whether its effects are already stored, wh
 processing effectively exactly-once per customer without cross-key atomicity.
 
 A :class:`TableStore` buffers the reads and writes of a batch of input messages of one
-partition, and :func:`save` makes a batch durable in a fixed order, waiting for the
-broker's acknowledgement at each step; only then are the records written to the local
-store (RocksDB or memory) together with the changelog offset they reached, so the local
-store is never ahead of its changelog. The input messages are acknowledged to Faust only
-after ``save`` returns.
+partition; :func:`prepare` fixes the batch's writes as bytes, and :func:`save` makes them
+durable in a fixed order, waiting for the broker's acknowledgement at each step; only then
+are the records written to the local store (RocksDB or memory) together with the
+changelog offset they reached, so the local store is never ahead of its changelog. Until
+then the partition's stores read them from ``in_flight``. The input messages are
+acknowledged to Faust only after ``save`` returns.
 """
 
 from __future__ import annotations
