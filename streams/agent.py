@@ -48,7 +48,6 @@ from typing import Any
 
 import orjson
 
-from retain.core.actions import action_to_dict
 from retain.core.config import Settings
 from retain.core.engine import Engine, Outcome
 from retain.core.events import AnyEvent, EventError, decode_event, epoch_ms
@@ -485,7 +484,7 @@ class Runtime:
                 if action.status == "emitted":
                     counts["actions_emitted"] += 1
                     records.append(Record(self.topics.actions, action.action_id.encode(),
-                                          orjson.dumps(action_to_dict(action))))
+                                          action.to_json()))
                 else:
                     counts["actions_suppressed"] += 1
         store.add_stats(offset, counts)

@@ -653,7 +653,7 @@ class TableStore:
     def add_actions(self, actions: Iterable[Any]) -> None:
         by_customer: dict[str, list[dict[str, Any]]] = {}
         for a in actions:
-            by_customer.setdefault(a.customer_id, []).append(a.model_dump(mode="json"))
+            by_customer.setdefault(a.customer_id, []).append(orjson.loads(a.to_json()))
         for cid, rows in by_customer.items():
             self._add_rows(ACTIONS_TABLE, cid, rows, "action_id")
 
