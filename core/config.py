@@ -156,8 +156,10 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(default=Path(".retain"), description="Where the embedded store lives.")
     batch_size: int = Field(
-        default=5000, ge=1, le=1_000_000,
-        description="Embedded runs commit state and input position every this many lines.",
+        default=20_000, ge=1, le=1_000_000,
+        description="Embedded runs commit state and input position every this many lines "
+        "(each changed customer is written once per commit; a killed run redoes at most "
+        "this many).",
     )
     cache_customers: int = Field(
         default=200_000, ge=100,
