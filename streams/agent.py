@@ -53,6 +53,7 @@ from retain.core.engine import Engine, Outcome
 from retain.core.events import AnyEvent, EventError, decode_event, epoch_ms
 from retain.core.logs import get_logger
 from retain.core.manager import PluginHost
+from retain.streams.collector import keep_collections_short
 from retain.streams.tables import (
     Record,
     Saved,
@@ -637,6 +638,7 @@ def install(app: Any, runtime: Runtime) -> Callable[..., Any]:
                         await runtime.rewind(rewind)
 
     app.task(flush_when_idle)
+    app.task(keep_collections_short)
 
     async def on_rebalance(sender: Any, *args: Any, **kwargs: Any) -> None:
         # Faust has waited for every message in progress to be acknowledged, so the
