@@ -32,7 +32,8 @@ Two things around the loop, for speed only:
   over one record per turn of the event loop, so without a pause every chunk is one
   record);
 * from the start of a recovery until it is complete, the brokers may hold a fetch with
-  no data for 10 ms instead of Faust's 1,500 (see :data:`RECOVERY_FETCH_WAIT_MS`).
+  no data for 10 ms instead of Faust's 1,500 (see :data:`RECOVERY_FETCH_WAIT_MS`), and
+  50 ms after that (:data:`STEADY_FETCH_WAIT_MS`).
 """
 
 from __future__ import annotations
@@ -66,14 +67,20 @@ consumer asks for 1,500 ms). Partitions already read to their end are in every f
 one fetch at a time is in flight per broker: with nothing new for them, the brokers held
 each fetch 1.5 s while the partitions still to restore waited behind it."""
 
+STEADY_FETCH_WAIT_MS = 50
+"""The fetch wait once recovery is complete, instead of putting Faust's 1,500 ms back.
+Whenever a fetch goes out without the input partitions in it (paused for a moment, or
+being sought), the brokers hold it that long and every event arriving meanwhile waits
+too: in the latency benchmark one run in three had a 1.5-1.7 s step in the middle that
+stayed to the end. An idle worker then asks about 20 times a second, which a broker
+answers from memory."""
+
 _Route = tuple[Any, list[Any], int, Any]
 """A partition's offsets (active or standby), its table's buffer and buffer size, the table."""
 
 
 class ChangelogRecovery(Recovery):
     """Faust's :class:`~faust.tables.recovery.Recovery` with a chunked changelog loop."""
-
-    _usual_fetch_wait_ms: int | None = None
 
     @Service.task
     async def _slurp_changelogs(self) -> None:
@@ -193,24 +200,16 @@ class ChangelogRecovery(Recovery):
         try:
             await super().on_recovery_completed(generation_id)
         finally:
-            self._set_fetch_wait(None)
+            self._set_fetch_wait(STEADY_FETCH_WAIT_MS)
 
-    def _set_fetch_wait(self, ms: int | None) -> None:
-        """Set (or, with None, put back) the consumer's fetch wait. It is internal to Faust's
-        consumer thread and aiokafka's fetcher; if either looks different, nothing changes.
-        The consumer thread reads it when it builds its next fetch."""
+    def _set_fetch_wait(self, ms: int) -> None:
+        """Set the consumer's fetch wait. It is internal to Faust's consumer thread and
+        aiokafka's fetcher; if either looks different, nothing changes. The consumer thread
+        reads it when it builds its next fetch."""
         fetcher: Any = getattr(getattr(getattr(getattr(self.app, "_consumer", None), "_thread", None),
                                        "_consumer", None), "_fetcher", None)
-        current = getattr(fetcher, "_fetch_max_wait_ms", None)
-        if not isinstance(current, int):
-            return
-        if ms is None:
-            ms, self._usual_fetch_wait_ms = self._usual_fetch_wait_ms, None
-            if ms is None:
-                return
-        elif self._usual_fetch_wait_ms is None:
-            self._usual_fetch_wait_ms = current
-        fetcher._fetch_max_wait_ms = ms
+        if isinstance(getattr(fetcher, "_fetch_max_wait_ms", None), int):
+            fetcher._fetch_max_wait_ms = ms
 
     def _note_processing_time(self, events: int) -> None:
         """Per-event time for Faust's estimate of the time remaining (its stats log)."""

@@ -213,12 +213,17 @@ def test_a_changelog_event_of_a_partition_not_assigned_here_is_skipped() -> None
     assert list(got["offsets"].values()) == [1]
 
 
-def test_the_brokers_hold_an_empty_fetch_briefly_only_while_tables_are_restored() -> None:
+def test_the_brokers_hold_an_empty_fetch_briefly_while_and_after_tables_are_restored() -> None:
     """Partitions read to their end are in every fetch; held 1.5 s by the brokers, such a
-    fetch kept the partitions still to restore waiting (one fetch in flight per broker)."""
+    fetch kept the partitions still to restore waiting (one fetch in flight per broker),
+    and, later, any event that arrived while a fetch went out without the input partitions."""
     from types import SimpleNamespace
 
-    from retain.streams.recovery import RECOVERY_FETCH_WAIT_MS, ChangelogRecovery
+    from retain.streams.recovery import (
+        RECOVERY_FETCH_WAIT_MS,
+        STEADY_FETCH_WAIT_MS,
+        ChangelogRecovery,
+    )
 
     async def waits() -> list[int]:
         app = _app()
@@ -232,9 +237,10 @@ def test_the_brokers_hold_an_empty_fetch_briefly_only_while_tables_are_restored(
         seen.append(fetcher._fetch_max_wait_ms)
         recovery._set_recovery_ended()  # active tables restored: the stream is not flowing yet
         seen.append(fetcher._fetch_max_wait_ms)
-        with pytest.raises(AttributeError):  # this consumer cannot seek: put back all the same
+        with pytest.raises(AttributeError):  # this consumer cannot seek: set all the same
             await recovery.on_recovery_completed()  # the stream flows again
         seen.append(fetcher._fetch_max_wait_ms)
         return seen
 
-    assert asyncio.run(waits()) == [1500, RECOVERY_FETCH_WAIT_MS, RECOVERY_FETCH_WAIT_MS, 1500]
+    assert asyncio.run(waits()) == [1500, RECOVERY_FETCH_WAIT_MS, RECOVERY_FETCH_WAIT_MS,
+                                    STEADY_FETCH_WAIT_MS]
