@@ -145,6 +145,11 @@ class KafkaSettings(_Section):
     tick_interval_s: float = Field(
         default=10.0, gt=0, description="How often a worker lets event time pass (lapses)."
     )
+    restore_bulk_min_records: int = Field(
+        default=5_000,
+        description="A worker restoring at least this many changelog records reads them with a "
+        "bulk consumer of its own (0: always; negative: never, Faust's consumer only).",
+    )
 
 
 class Settings(BaseSettings):

@@ -252,9 +252,12 @@ def alter_topic_configs(dep: Deployment, topics: list[str], configs: dict[str, s
 
 def compaction_restore(bootstrap: str, tmp: Path, *, customers: int = 300, days: int = 300,
                        seed: int = 4, compaction_wait_s: float = 45,
-                       store: str = "rocksdb://", compact: bool = True) -> Figures:
+                       store: str = "rocksdb://", compact: bool = True,
+                       bulk_min_records: int | None = None) -> Figures:
     """Worker A processes the first half and stops; the changelogs (8 KiB segments) are
-    compacted; worker B, on a fresh data dir, restores from them and processes the rest."""
+    compacted; worker B, on a fresh data dir, restores from them and processes the rest.
+    ``bulk_min_records`` sets B's ``kafka.restore_bulk_min_records``; its bulk restores
+    are then noted (``bulk table restore ...``)."""
     run = Run("4-compaction-restore", bootstrap, tmp, customers=customers, days=days,
               seed=seed, store=store)
 
@@ -283,8 +286,19 @@ def compaction_restore(bootstrap: str, tmp: Path, *, customers: int = 300, days:
                                  f"after compaction")
         run.figures.faults += 1
         run.producer.send(run.lines[half:], tick=True)
-        run.worker("b").start()
-        return run.finish((kept < written or not compact, "the changelog was compacted"))
+        if bulk_min_records is None:
+            second = run.worker("b").start()
+        else:
+            second = WorkerProc(run.dep, "b", env={
+                **run.worker_env, "RETAIN_LOG_LEVEL": "INFO",
+                "RETAIN_KAFKA__RESTORE_BULK_MIN_RECORDS": str(bulk_min_records)})
+            run.workers.append(second.start())
+        figures = run.finish((kept < written or not compact, "the changelog was compacted"))
+        if bulk_min_records is not None:
+            figures.notes.extend(line[line.index("bulk table restore"):]
+                                 for line in second.log_tail(10_000).splitlines()
+                                 if "bulk table restore" in line)
+        return figures
 
     return _guarded(run, body)
 

@@ -26,6 +26,15 @@ then applies it to the table of the event before it.
 Tables with a changelog hook (``on_changelog_event``) get Faust's own loop, which awaits
 the hook per record.
 
+Before that loop, the bulk of an active restore (at least
+``kafka.restore_bulk_min_records`` records) is read by a consumer of our own
+(:meth:`ChangelogRecovery._bulk_restore`). Faust's consumer hands its thread's records to
+the event loop one at a time (two tasks and a wait per record, about 40 µs); a plain
+aiokafka consumer's ``getmany`` returns thousands at once. The records are applied with
+the same ``apply_changelog_batch`` and move the same offsets. Whatever it has not read
+when it stops (time up, a rebalance, a partition that ends in transaction markers) is
+left to Faust's consumer and the loop above, from the offsets reached.
+
 Two things around the loop, for speed only:
 
 * during active recovery the loop pauses 2 ms between chunks (Faust's consumer hands
@@ -48,7 +57,9 @@ from faust.tables.recovery import Recovery
 from faust.utils.tracing import finish_span
 from mode import Service
 
+from retain.core.config import KafkaSettings
 from retain.core.logs import get_logger
+from retain.streams.tables import ChangelogEvent
 
 log = get_logger("retain.streams")
 
@@ -74,6 +85,20 @@ being sought), the brokers hold it that long and every event arriving meanwhile 
 too: in the latency benchmark one run in three had a 1.5-1.7 s step in the middle that
 stayed to the end. An idle worker then asks about 20 times a second, which a broker
 answers from memory."""
+
+BULK_SHARE_OF_TIMEOUT = 0.5
+"""The bulk read stops after this share of ``broker_request_timeout``: Faust waits that
+long for the step it runs in (seeking the active partitions), then gives up on it."""
+
+BULK_FETCH_RECORDS = 20_000
+"""Records taken from the bulk consumer at a time."""
+
+BULK_PARTITION_FETCH_BYTES = 8 * 1024 * 1024
+"""Bytes a fetch may return per partition (aiokafka's default is 1 MiB)."""
+
+BULK_IDLE_MS = 1_000
+"""A fetch that returns nothing for this long ends the bulk read (whatever is left, for
+instance transaction markers at the end of a partition, is left to Faust's path)."""
 
 _Route = tuple[Any, list[Any], int, Any]
 """A partition's offsets (active or standby), its table's buffer and buffer size, the table."""
@@ -190,6 +215,70 @@ class ChangelogRecovery(Recovery):
                     topic=tp.topic, partition=tp.partition)
         return None
 
+    async def _seek_offsets(self, consumer: Any, tps: set[Any], offsets: Any, title: str) -> None:
+        if title == "active":
+            await self._bulk_restore(tps, offsets)
+        await super()._seek_offsets(consumer, tps, offsets, title)
+
+    async def _bulk_restore(self, tps: set[Any], offsets: Any) -> None:
+        """Read what the active partitions ``tps`` lack with a consumer of our own, and
+        apply it as the changelog loop would: in offset order, only beyond the offset
+        reached, through the table's ``apply_changelog_batch`` (which records the offset
+        in the store). ``offsets`` (Faust's active offsets) move with what is applied, so
+        Faust's consumer is then sought past it and restores only what is left."""
+        highwaters = self.active_highwaters
+        todo = {(tp.topic, tp.partition): tp for tp in tps
+                if highwaters.get(tp) is not None and offsets[tp] is not None
+                and highwaters[tp] > offsets[tp]}
+        kafka = _kafka_settings(self.app)
+        if kafka is None or kafka.restore_bulk_min_records < 0 or not todo \
+                or sum(highwaters[tp] - offsets[tp] for tp in todo.values()) \
+                < kafka.restore_bulk_min_records:
+            return
+        tables: dict[Any, Any] = {tp: self.tp_to_table[tp] for tp in todo.values()}
+        if any(_has_changelog_hook(t) for t in tables.values()):
+            return
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        from retain.streams.topics import client_options
+
+        deadline = monotonic() + BULK_SHARE_OF_TIMEOUT * float(self.app.conf.broker_request_timeout)
+        reader = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, fetch_max_wait_ms=10,
+                                  max_partition_fetch_bytes=BULK_PARTITION_FETCH_BYTES,
+                                  fetch_max_bytes=4 * BULK_PARTITION_FETCH_BYTES,
+                                  **client_options(kafka))
+        started, applied = monotonic(), 0
+        try:
+            await reader.start()
+            reader.assign([TopicPartition(*key) for key in todo])
+            for key, tp in todo.items():
+                reader.seek(TopicPartition(*key), offsets[tp] + 1)
+            while todo and not self.should_stop and not self.signal_recovery_start.is_set() \
+                    and monotonic() < deadline:
+                fetched = await reader.getmany(timeout_ms=BULK_IDLE_MS, max_records=BULK_FETCH_RECORDS)
+                if not fetched:
+                    break
+                for ktp, records in fetched.items():
+                    tp = todo.get((ktp.topic, ktp.partition))
+                    if tp is None:  # done already: nothing beyond its high-water mark
+                        continue
+                    reached = offsets[tp]
+                    events = [ChangelogEvent(tp, r.offset, r.partition, r.key, r.value)
+                              for r in records if r.offset > reached]
+                    if events:
+                        tables[tp].apply_changelog_batch(events)
+                        offsets[tp] = events[-1].offset
+                        applied += len(events)
+                    if offsets[tp] >= highwaters[tp]:
+                        del todo[(tp.topic, tp.partition)]
+                        reader.pause(ktp)
+        except Exception as exc:  # the offsets are as applied: Faust's path goes on from there
+            log.warning("bulk table restore stopped", error=repr(exc))
+        finally:
+            await reader.stop()
+        log.info("bulk table restore", records=applied, seconds=round(monotonic() - started, 3),
+                 partitions_left=len(todo))
+
     def _set_recovery_started(self) -> None:
         super()._set_recovery_started()
         self._set_fetch_wait(RECOVERY_FETCH_WAIT_MS)
@@ -256,6 +345,12 @@ class RetainTableManager(TableManager):
         if self._recovery is None:
             self._recovery = ChangelogRecovery(self.app, self, beacon=self.beacon, loop=self.loop)
         return self._recovery
+
+
+def _kafka_settings(app: Any) -> KafkaSettings | None:
+    """The Kafka settings of a retain app (``None`` for any other Faust app)."""
+    settings = getattr(getattr(app, "_retain_runtime", None), "settings", None)
+    return None if settings is None else settings.kafka
 
 
 def _has_changelog_hook(table: Any) -> bool:

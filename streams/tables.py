@@ -329,7 +329,7 @@ def _changelog_record(store: TableStore, change: Change) -> Record:
                   store.partition)
 
 
-class _ChangelogEvent(NamedTuple):
+class ChangelogEvent(NamedTuple):
     """What a Faust store's ``apply_changelog_batch`` reads from a changelog event (and
     from its ``message``: the same fields)."""
 
@@ -340,7 +340,7 @@ class _ChangelogEvent(NamedTuple):
     value: bytes | None
 
     @property
-    def message(self) -> _ChangelogEvent:
+    def message(self) -> ChangelogEvent:
         return self
 
 
@@ -351,7 +351,7 @@ def _apply_locally(written: list[tuple[tuple[TableStore, Change], Any]]) -> None
     to the right partition without a current event, sends nothing more, and records the
     changelog offset reached: the local store is never ahead of its changelog.
     """
-    by_table: dict[str, list[_ChangelogEvent]] = {}
+    by_table: dict[str, list[ChangelogEvent]] = {}
     tables: dict[str, Any] = {}
     for (store, change), metadata in written:
         events = by_table.get(change.table)
@@ -359,7 +359,7 @@ def _apply_locally(written: list[tuple[tuple[TableStore, Change], Any]]) -> None
             events = by_table[change.table] = []
             tables[change.table] = store.tables.by_name(change.table)
         tp = metadata.topic_partition
-        events.append(_ChangelogEvent(tp, metadata.offset, tp.partition, change.key,
+        events.append(ChangelogEvent(tp, metadata.offset, tp.partition, change.key,
                                       change.value))
     for name, events in by_table.items():
         tables[name].data.apply_changelog_batch(events, to_key=_same, to_value=_same)

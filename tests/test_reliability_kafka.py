@@ -41,16 +41,27 @@ def test_sigterm_bursts_and_rolling_restarts_of_two_workers(
     assert figures.faults == 4
 
 
+@pytest.mark.parametrize(("store", "bulk_min_records"),
+                         [("memory://", -1), ("rocksdb://", 0)], ids=["faust-consumer", "bulk"])
 def test_a_new_worker_restores_exactly_from_the_changelogs(
-    kafka_broker: str, tmp_path: Path
+    kafka_broker: str, tmp_path: Path, store: str, bulk_min_records: int
 ) -> None:
     """Worker a does the first half and stops; worker b, on an empty data dir, restores the
     tables from the changelogs and does the rest (scenario 4 without waiting for the
     cleaner). The changelogs have 8 KiB segments, smaller than a batch, so the worker must
-    send records one at a time (defect C)."""
+    send records one at a time (defect C). Worker b restores through Faust's consumer
+    only, or through the bulk consumer (streams/recovery.py) for everything."""
     figures = scenarios.compaction_restore(kafka_broker, tmp_path, customers=400, days=300,
-                                           seed=4, store="memory://", compact=False)
+                                           seed=4, store=store, compact=False,
+                                           bulk_min_records=bulk_min_records)
     _check(figures)
+    bulk = [note for note in figures.notes if note.startswith("bulk table restore")]
+    if bulk_min_records < 0:
+        assert bulk == []
+    else:
+        assert bulk, figures.notes
+        records = [int(note.split("records=")[1].split()[0]) for note in bulk]
+        assert sum(records) > 1000 and all("partitions_left=0" in note for note in bulk), bulk
 
 
 def test_poison_pills_are_dead_lettered_counted_and_the_stream_goes_on(
