@@ -365,6 +365,17 @@ def _apply_locally(written: list[tuple[tuple[TableStore, Change], Any]]) -> None
         tables[name].data.apply_changelog_batch(events, to_key=_same, to_value=_same)
 
 
+def _partition_items(data: Any, partition: int) -> list[tuple[Any, Any]] | None:
+    """The records of one partition of a Faust RocksDB store, which keeps a database per
+    partition: a partition's scans (its timers when it starts) then read only its own,
+    not every assigned partition's. ``None`` for a store that keeps one mapping (memory)."""
+    dbs, visible = getattr(data, "_dbs", None), getattr(data, "_visible_items", None)
+    if not isinstance(dbs, dict) or visible is None:
+        return None
+    db = dbs.get(partition)
+    return [] if db is None else list(visible(db))
+
+
 def _same(value: Any) -> Any:
     return value
 
@@ -553,6 +564,10 @@ class TableStore:
 
     def _stored(self, table: str) -> list[tuple[Any, Any]]:
         data = self.tables.by_name(table).data
+        if self.partition is not None:
+            own = _partition_items(data, self.partition)
+            if own is not None:
+                return own
         for _ in range(10):
             try:
                 return list(data.items())

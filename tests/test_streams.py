@@ -906,3 +906,42 @@ def test_the_decoded_records_kept_between_batches_are_bounded() -> None:
     for customer in ("c1", "c2", "c3"):
         record = orjson.loads(broker.recovered_tables().customers.data[customer.encode()])
         assert len(record["s"]["days"]) == 2
+
+
+def test_a_partition_reads_only_its_own_database_of_a_rocksdb_table(tmp_path: Path) -> None:
+    """Faust's RocksDB store keeps a database per partition. A partition's scans (its
+    timers, loaded when it starts) read its own database only: reading every assigned
+    partition's and keeping a quarter made a restored worker decode every customer once
+    per partition before its first event."""
+    from faust.types import TP
+
+    from retain.core.state import CustomerState
+    from retain.streams.app import create_app, runtime_of
+    from retain.streams.tables import ChangelogEvent, TableStore, customer_key, encode_customer
+
+    app = create_app(Settings.model_validate(
+        {"data_dir": str(tmp_path), "kafka": {"store": "rocksdb://"}}), partitions=2)
+    tables = runtime_of(app).tables
+    store = tables.customers.data
+    read: list[int] = []
+    visible = store._visible_items
+    store._visible_items = lambda db: read.append(id(db)) or visible(db)
+    due = {0: {"a": 10, "b": 20}, 1: {"c": 30}}
+    for partition, customers in due.items():
+        store._db_for_partition(partition)
+        events = []
+        for offset, (cid, due_ms) in enumerate(customers.items()):
+            state = CustomerState(customer_id=cid)
+            state.due_ms = due_ms
+            events.append(ChangelogEvent(TP("changelog", partition), offset, partition,
+                                         customer_key(cid),
+                                         encode_customer(state, offset, partition)))
+        store.apply_changelog_batch(events, to_key=lambda k: k, to_value=lambda v: v)
+    try:
+        for partition, customers in due.items():
+            read.clear()
+            assert dict(TableStore(tables, partition).timers()) == customers
+            assert read == [id(store._dbs[partition])]
+    finally:
+        for db in store._dbs.values():
+            db.close()
