@@ -196,21 +196,12 @@ class ChangelogRecovery(Recovery):
             self._note_processing_time(active_applied)
 
     def _route(self, tp: Any, now: float) -> _Route | None:
-        tp_to_table, buffer_sizes = self.tp_to_table, self.buffer_sizes
         if tp in self.active_tps:
-            table = tp_to_table[tp]
-            size = buffer_sizes.get(tp)
-            if size is None:
-                size = buffer_sizes[tp] = table.recovery_buffer_size
             self._active_events_received_at[tp] = now
-            return self.active_offsets, self.buffers[table], size, table
+            return self._route_to(tp, self.active_offsets, "recovery_buffer_size")
         if tp in self.standby_tps:
-            table = tp_to_table[tp]
-            size = buffer_sizes.get(tp)
-            if size is None:
-                size = buffer_sizes[tp] = table.standby_buffer_size
             self._standby_events_received_at[tp] = now
-            return self.standby_offsets, self.buffers[table], size, table
+            return self._route_to(tp, self.standby_offsets, "standby_buffer_size")
         log.warning("changelog event of a partition not assigned here skipped",
                     topic=tp.topic, partition=tp.partition)
         return None
@@ -278,6 +269,13 @@ class ChangelogRecovery(Recovery):
             await reader.stop()
         log.info("bulk table restore", records=applied, seconds=round(monotonic() - started, 3),
                  partitions_left=len(todo))
+
+    def _route_to(self, tp: Any, offsets: Any, buffer_size: str) -> _Route:
+        table = self.tp_to_table[tp]
+        size = self.buffer_sizes.get(tp)
+        if size is None:
+            size = self.buffer_sizes[tp] = getattr(table, buffer_size)
+        return offsets, self.buffers[table], size, table
 
     def _set_recovery_started(self) -> None:
         super()._set_recovery_started()

@@ -757,13 +757,11 @@ class CountingStore(FakeStore):
         return super().get(key, default)
 
 
-def test_customers_seen_in_an_earlier_batch_are_not_read_from_the_table_again() -> None:
-    """What a save wrote stays decoded in memory: the next batch neither reads nor
-    decodes the customer's record again, and builds on the state it saved."""
+def _counting_runtime() -> tuple[Any, CountingStore, FakeBroker]:
+    """A Runtime on a fake broker whose customers table counts its reads."""
     from types import SimpleNamespace
 
     from retain.streams.agent import Runtime, Topics
-    from retain.streams.tables import decode_record
 
     broker = FakeBroker()
     tables = broker.recovered_tables()
@@ -772,6 +770,17 @@ def test_customers_seen_in_an_earlier_batch_are_not_read_from_the_table_again() 
         tables.signals, tables.actions, tables.meta])
     runtime = Runtime(SimpleNamespace(producer=broker), Settings(), tables,
                       Topics(None, "dead", "late", "signals", "actions"))
+    return runtime, counting, broker
+
+
+def test_customers_seen_in_an_earlier_batch_are_not_read_from_the_table_again() -> None:
+    """What a save wrote stays decoded in memory: the next batch neither reads nor
+    decodes the customer's record again, and builds on the state it saved."""
+    from types import SimpleNamespace
+
+    from retain.streams.tables import decode_record
+
+    runtime, counting, broker = _counting_runtime()
 
     async def batches() -> None:
         runtime.add(SimpleNamespace(message=FakeMessage(
@@ -873,15 +882,7 @@ def test_the_decoded_records_kept_between_batches_are_bounded() -> None:
     out first; one pushed out is read from the table again, as saved."""
     from types import SimpleNamespace
 
-    from retain.streams.agent import Runtime, Topics
-
-    broker = FakeBroker()
-    tables = broker.recovered_tables()
-    counting = CountingStore()
-    tables = type(tables)(FakeTable("app-customers-changelog", counting), *[
-        tables.signals, tables.actions, tables.meta])
-    runtime = Runtime(SimpleNamespace(producer=broker), Settings(), tables,
-                      Topics(None, "dead", "late", "signals", "actions"))
+    runtime, counting, broker = _counting_runtime()
     runtime._saved.limit = 2
 
     async def batches() -> None:
