@@ -31,6 +31,7 @@ acknowledged to Faust only after ``save`` returns.
 from __future__ import annotations
 
 import asyncio
+import re
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -130,8 +131,26 @@ def stats_key(partition: int) -> bytes:
 
 
 def encode_customer(state: CustomerState, offset: int, partition: int) -> bytes:
+    """The record of a customer: the offset it is current up to, its partition, its due
+    time (``d``, also in the state: kept in the head so that :func:`decode_head` can read
+    it without parsing the state) and the state."""
     # The state is already JSON bytes: splice it in rather than encode it twice.
-    return b'{"o":%d,"p":%d,"s":%b}' % (offset, partition, state.to_json())
+    due = b"null" if state.due_ms is None else b"%d" % state.due_ms
+    return b'{"o":%d,"p":%d,"d":%b,"s":%b}' % (offset, partition, due, state.to_json())
+
+
+_HEAD = re.compile(rb'\{"o":-?\d+,"p":(\d+),"d":(-?\d+|null),"s":')
+
+
+def decode_head(raw: bytes) -> dict[str, Any]:
+    """A customer record's partition and due time, as ``{"p": ..., "s": {"due_ms": ...}}``,
+    read from its head without parsing the state (about 0.1 µs against 3.5 µs). Records
+    written before the head held the due time, and erasure markers, are parsed whole."""
+    head = _HEAD.match(raw)
+    if head is None:
+        return decode_record(raw)
+    due = head[2]
+    return {"p": int(head[1]), "s": {"due_ms": None if due == b"null" else int(due)}}
 
 
 def decode_record(raw: bytes) -> dict[str, Any]:
@@ -539,14 +558,15 @@ class TableStore:
             return {self.partition}
         return None if self._assigned is None else self._assigned()
 
-    def _scan(self, table: str) -> Iterator[tuple[bytes, dict[str, Any]]]:
-        """Every record of ``table`` in scope (overlay not included)."""
+    def _scan(self, table: str, decode: Callable[[bytes], dict[str, Any]] = decode_record
+              ) -> Iterator[tuple[bytes, dict[str, Any]]]:
+        """Every record of ``table`` in scope (overlay not included), as ``decode`` reads it."""
         scope = self._scope()
         for key, raw in self._snapshot(table):
             if raw is None:
                 continue
             try:
-                record = decode_record(bytes(raw))
+                record = decode(bytes(raw))
             except ValueError:
                 log.error("unreadable table record", table=table, key=bytes(key)[:64])
                 continue
@@ -575,8 +595,9 @@ class TableStore:
                 continue
         return list(data.items())
 
-    def _customer_records(self) -> Iterator[tuple[str, dict[str, Any]]]:
-        for key, record in self._scan(CUSTOMERS_TABLE):
+    def _customer_records(self, decode: Callable[[bytes], dict[str, Any]] = decode_record
+                          ) -> Iterator[tuple[str, dict[str, Any]]]:
+        for key, record in self._scan(CUSTOMERS_TABLE, decode):
             if not key.startswith(b"\x00"):
                 yield key.decode(), record
 
@@ -626,7 +647,7 @@ class TableStore:
         return len(stored)
 
     def timers(self) -> Iterator[tuple[str, int]]:
-        for cid, record in self._customer_records():
+        for cid, record in self._customer_records(decode_head):
             due = record["s"].get("due_ms")
             if cid not in self._states and due is not None:
                 yield cid, int(due)

@@ -913,12 +913,21 @@ def test_a_partition_reads_only_its_own_database_of_a_rocksdb_table(tmp_path: Pa
     """Faust's RocksDB store keeps a database per partition. A partition's scans (its
     timers, loaded when it starts) read its own database only: reading every assigned
     partition's and keeping a quarter made a restored worker decode every customer once
-    per partition before its first event."""
+    per partition before its first event. The timers come from the records' heads, and
+    from whole records written before the head held the due time."""
     from faust.types import TP
 
     from retain.core.state import CustomerState
     from retain.streams.app import create_app, runtime_of
-    from retain.streams.tables import ChangelogEvent, TableStore, customer_key, encode_customer
+    from retain.streams.tables import (
+        ChangelogEvent,
+        TableStore,
+        customer_key,
+        decode_head,
+        decode_record,
+        decode_state,
+        encode_customer,
+    )
 
     app = create_app(Settings.model_validate(
         {"data_dir": str(tmp_path), "kafka": {"store": "rocksdb://"}}), partitions=2)
@@ -927,21 +936,29 @@ def test_a_partition_reads_only_its_own_database_of_a_rocksdb_table(tmp_path: Pa
     read: list[int] = []
     visible = store._visible_items
     store._visible_items = lambda db: read.append(id(db)) or visible(db)
-    due = {0: {"a": 10, "b": 20}, 1: {"c": 30}}
+    # "old" was written before records kept their due time in the head: parsed whole
+    due: dict[int, dict[str, int | None]] = {
+        0: {"a": 10, "b": -20, "old": 5, "none": None}, 1: {"c": 30}}
     for partition, customers in due.items():
         store._db_for_partition(partition)
         events = []
         for offset, (cid, due_ms) in enumerate(customers.items()):
             state = CustomerState(customer_id=cid)
             state.due_ms = due_ms
+            record = encode_customer(state, offset, partition)
+            if cid == "old":
+                record = b'{"o":%d,"p":%d,"s":%b}' % (offset, partition, state.to_json())
+            else:  # read from the head alone
+                assert decode_head(record) == {"p": partition, "s": {"due_ms": due_ms}}
+                assert decode_state(decode_record(record)) == state
             events.append(ChangelogEvent(TP("changelog", partition), offset, partition,
-                                         customer_key(cid),
-                                         encode_customer(state, offset, partition)))
+                                         customer_key(cid), record))
         store.apply_changelog_batch(events, to_key=lambda k: k, to_value=lambda v: v)
     try:
         for partition, customers in due.items():
             read.clear()
-            assert dict(TableStore(tables, partition).timers()) == customers
+            assert dict(TableStore(tables, partition).timers()) == {
+                cid: due_ms for cid, due_ms in customers.items() if due_ms is not None}
             assert read == [id(store._dbs[partition])]
     finally:
         for db in store._dbs.values():
