@@ -350,13 +350,17 @@ def replicate(templates: list[bytes], count: int) -> Iterator[Any]:
         yield state
 
 
-def build_store(path: Path, templates: list[bytes], count: int, chunk: int = 50_000) -> dict[str, Any]:
+def build_store(path: Path, templates: list[bytes], count: int, chunk: int = 50_000, *,
+                facts: bool = False) -> dict[str, Any]:
     """A SqliteStore holding ``count`` replicated customers.
 
     The store creates its own schema; the rows are the templates' stored JSON with a fresh
     id spliced in, bulk-inserted in id order (what ``put`` + ``commit`` would write, without
-    a JSON round trip per customer, so a million customers load in seconds).
+    a JSON round trip per customer, so a million customers load in seconds). Without
+    ``facts`` the store has no query facts, and its first writable open builds them (what
+    ``bench queries`` times); with it, each template's facts are replicated too.
     """
+    from retain.core.facts import pack
     from retain.core.state import CustomerState
     from retain.core.store import SqliteStore
 
@@ -378,6 +382,13 @@ def build_store(path: Path, templates: list[bytes], count: int, chunk: int = 50_
         while batch := list(itertools.islice(pending, chunk)):
             store.db.execute("BEGIN IMMEDIATE")
             store.db.executemany("INSERT INTO customers (id, due_ms, state) VALUES (?, ?, ?)", batch)
+            store.db.execute("COMMIT")
+        if facts:
+            packed = [pack(s) for s in parsed]
+            store.db.execute("BEGIN IMMEDIATE")
+            store.db.executemany("INSERT INTO query_facts VALUES (?, ?, ?, ?)",
+                                 ((f"b{i:07d}", *packed[i % len(packed)]) for i in range(count)))
+            store._mark_facts()
             store.db.execute("COMMIT")
         store.set_meta("clock_ms", clock)
         store.commit()

@@ -80,6 +80,70 @@ def child(kind: str, method: str, templates_path: str, count: int) -> dict[str, 
             "build_seconds": None if seconds is None else round(seconds, 3)}
 
 
+def write_visits(path: Path, count: int, clock_ms: int, *, prefix: str = "b",
+                 span_ms: int = 86_400_000) -> None:
+    """One purchase by each of ``count`` stored customers, spread over a day after the
+    store's clock, in customer order."""
+    from datetime import UTC, datetime
+
+    step = max(span_ms // max(count, 1), 1)
+    with path.open("wb") as fp:
+        for i in range(count):
+            at = datetime.fromtimestamp((clock_ms + 60_000 + i * step) / 1000, UTC)
+            fp.write(b'{"event_id":"v%d","type":"purchase","customer_id":"%s%07d",'
+                     b'"occurred_at":"%s","channel":"web","order_id":"v%d","amount":"42.50",'
+                     b'"currency":"USD","items":[{"sku":"APP-022","category":"apparel",'
+                     b'"quantity":1,"unit_price":"42.50"}],"schema_version":1}\n'
+                     % (i, prefix.encode(), i, at.isoformat().encode(), i))
+
+
+def engine_child(data_dir: str, count: int, cache: str) -> dict[str, Any]:
+    """``retain run`` as the CLI sets it up, over one visit by each stored customer.
+
+    Reports the process's RSS before the visits (store open, plugins started, warmed on
+    a few other customers), after them, and at its peak. The store holds ``count``
+    replicated customers; each visit loads one (a cache miss), so the run touches them all.
+    """
+    import resource
+
+    from retain.core.config import Settings
+    from retain.core.engine import Engine
+    from retain.core.manager import PluginHost
+    from retain.core.runner import Runner
+    from retain.core.store import SqliteStore
+
+    root = Path(data_dir)
+    overrides: dict[str, Any] = {} if cache == "default" else {"cache_customers": int(cache)}
+    cfg = Settings(data_dir=root, sinks=["jsonl"], **overrides)
+    store = SqliteStore(cfg.store_path, cache_limit=cfg.cache_customers)
+    engine = Engine(cfg, store, PluginHost(cfg, entry_points=False))
+    runner = Runner(engine, root / "rejects.jsonl")
+    clock = int(store.get_meta("clock_ms"))
+    warm, visits = root / "warm.jsonl", root / "visits.jsonl"
+    write_visits(warm, 200, clock - 3_600_000, prefix="w", span_ms=60_000)
+    write_visits(visits, count, clock)
+    runner.run(str(warm))
+    gc.collect()
+    before = _rss()
+    cpu = time.process_time()
+    started = time.perf_counter()
+    summary = runner.run(str(visits))
+    seconds = time.perf_counter() - started
+    cpu = time.process_time() - cpu
+    gc.collect()
+    after = _rss()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    cached = len(store._cache)
+    store.close()
+    return {"kind": "engine", "customers": count, "cache_customers": cfg.cache_customers,
+            "cached_at_end": cached, "applied": summary.applied, "signals": summary.signals,
+            "rss_before": before, "rss_after": after, "rss_peak": peak,
+            "bytes_per_customer": (after - before) / count,
+            "peak_bytes_per_customer": (peak - before) / count,
+            "seconds": round(seconds, 2), "events_per_s": count / seconds,
+            "events_per_cpu_s": count / cpu}
+
+
 def _in_child(kind: str, method: str, templates: Path, count: int) -> dict[str, Any]:
     done = subprocess.run(
         [sys.executable, "-m", "bench.memory", "child", kind, method, str(templates), str(count)],
@@ -176,5 +240,7 @@ def run(size: str, tmp: Path, budget_s: float | None) -> Report:
 if __name__ == "__main__":
     if len(sys.argv) == 6 and sys.argv[1] == "child":
         print(json.dumps(child(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))))
+    elif len(sys.argv) == 5 and sys.argv[1] == "engine":
+        print(json.dumps(engine_child(sys.argv[2], int(sys.argv[3]), sys.argv[4])))
     else:
         sys.exit("usage: python -m bench.memory child retain|baseline rss|tracemalloc FILE N")

@@ -167,8 +167,10 @@ class Settings(BaseSettings):
         "this many).",
     )
     cache_customers: int = Field(
-        default=200_000, ge=100,
-        description="Customer states an embedded run keeps in memory between commits.",
+        default=10_000, ge=100,
+        description="Customer states an embedded run keeps decoded in memory; the rest are "
+        "read from the store when needed. A run also commits early once this many customers "
+        "changed, so memory stays bounded (a year-old customer's state is about 6 KB decoded).",
     )
     actions_file: Path | None = Field(
         default=None, description="JSONL file for emitted actions (default: DATA_DIR/actions.jsonl)"

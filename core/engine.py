@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from retain.core.actions import Action, ActionBase, action_to_dict, apply_policy, stamp
 from retain.core.config import Settings
@@ -36,6 +36,46 @@ class Outcome:
     customer_id: str
     signals: list[Signal] = field(default_factory=list)
     actions: list[Action] = field(default_factory=list)
+
+
+class Timers(Protocol):
+    """Which customers are due to be woken, in (due, customer id) order.
+
+    An entry may be stale (the customer was rescheduled since): the engine checks each
+    against the customer's state before waking anyone.
+    """
+
+    def schedule(self, due_ms: int, customer_id: str) -> None: ...
+    def due(self, limit_ms: int) -> Iterator[tuple[int, str]]: ...
+    def reset(self) -> None: ...
+
+
+class HeapTimers:
+    """Every customer's due moment in a heap, read from the store when first needed.
+
+    For stores that hold their customers anyway (memory, a worker's tables). A store whose
+    customers mostly stay on disk indexes the moments itself (``Store.timer_index``), so
+    memory does not grow with the customers.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._heap: list[tuple[int, str]] | None = None
+
+    def schedule(self, due_ms: int, customer_id: str) -> None:
+        if self._heap is not None:
+            heapq.heappush(self._heap, (due_ms, customer_id))
+
+    def due(self, limit_ms: int) -> Iterator[tuple[int, str]]:
+        if self._heap is None:
+            self._heap = [(due, cid) for cid, due in self.store.timers()]
+            heapq.heapify(self._heap)
+        heap = self._heap
+        while heap and heap[0][0] <= limit_ms:
+            yield heapq.heappop(heap)
+
+    def reset(self) -> None:
+        self._heap = None
 
 
 class Engine:
@@ -72,7 +112,8 @@ class Engine:
         self.sinks = list(sinks)
         self.stats: Counter[str] = Counter()
         self.clock_ms = int(store.get_meta("clock_ms") or 0)
-        self._timers: list[tuple[int, str]] | None = None
+        index = getattr(store, "timer_index", None)
+        self.timers: Timers = index() if index is not None else HeapTimers(store)
         self._started = False
 
     # -- lifecycle -------------------------------------------------------------------
@@ -98,7 +139,7 @@ class Engine:
 
     def set_model(self, model: Any) -> None:
         self.detect_ctx.model = model
-        self._timers = None
+        self.timers.reset()
 
     # -- the per-event path --------------------------------------------------------------
     def process(self, event: AnyEvent) -> Outcome:
@@ -149,20 +190,23 @@ class Engine:
             self.clock_ms = ts
         return outcome
 
-    def advance(self, now_ms: int | None = None) -> list[Outcome]:
+    def advance(self, now_ms: int | None = None, *, bounded: bool = False) -> list[Outcome]:
         """Let event time pass: wake every customer whose due moment is final by ``now``.
 
         A moment is final once the clock is a full lateness past it, because no event
         earlier than that can still be accepted into the stream; so the signals raised do
         not depend on how customers' events happened to interleave.
+
+        ``bounded``: stop early once the store wants a commit (``Store.wants_commit``);
+        the host commits and calls again until that no longer happens, so waking many
+        customers at once (a store resumed after a long gap) does not hold them all in
+        memory.
         """
         if now_ms is not None and now_ms > self.clock_ms:
             self.clock_ms = now_ms
         limit = self.clock_ms - self.lateness_ms
-        timers = self._load_timers()
         woken: list[Outcome] = []
-        while timers and timers[0][0] <= limit:
-            due, customer_id = heapq.heappop(timers)
+        for due, customer_id in self.timers.due(limit):
             state = self.store.get(customer_id)
             if state is None or state.due_ms != due:
                 continue  # a stale timer: the customer was rescheduled or erased
@@ -170,6 +214,8 @@ class Engine:
             self._wake(state, limit, outcome)
             self._finish(state, outcome)
             woken.append(outcome)
+            if bounded and self.store.wants_commit():
+                break
         self.store.set_meta("clock_ms", self.clock_ms)
         return woken
 
@@ -231,8 +277,8 @@ class Engine:
         if due == state.due_ms:
             return  # the timer already queued for this moment stays valid
         state.due_ms = due
-        if due is not None and self._timers is not None:
-            heapq.heappush(self._timers, (due, state.customer_id))
+        if due is not None:
+            self.timers.schedule(due, state.customer_id)
 
     def _propose(
         self,
@@ -285,12 +331,6 @@ class Engine:
                     except Exception as exc:
                         log.error("sink failed", sink=sink.name, error=repr(exc))
                         self.stats["sink_failures"] += 1
-
-    def _load_timers(self) -> list[tuple[int, str]]:
-        if self._timers is None:
-            self._timers = [(due, cid) for cid, due in self.store.timers()]
-            heapq.heapify(self._timers)
-        return self._timers
 
     def flush_sinks(self) -> None:
         """Called before each store commit. A sink that cannot deliver now is logged and

@@ -54,6 +54,7 @@ class Store(Protocol):
     def set_meta(self, key: str, value: Any) -> None: ...
     def forget(self, customer_id: str) -> bool: ...
     def erased_before(self, customer_id: str) -> int | None: ...
+    def wants_commit(self) -> bool: ...
     def commit(self) -> None: ...
     def close(self) -> None: ...
 
@@ -137,6 +138,9 @@ class MemoryStore:
     def erased_before(self, customer_id: str) -> int | None:
         return self._erased.get(erasure_key(customer_id))
 
+    def wants_commit(self) -> bool:
+        return False
+
     def commit(self) -> None:
         pass
 
@@ -176,6 +180,10 @@ CREATE TRIGGER IF NOT EXISTS customers_delete_unmarks_facts AFTER DELETE ON cust
     BEGIN DELETE FROM meta WHERE key = 'query_facts'; END;
 """
 _FACTS_MARKER = orjson.dumps(FACTS_VERSION)
+# The engine's timers (Engine.advance) are read through this index, so a run keeps no
+# per-customer timer in memory. Every writable open makes sure it is there.
+_DUE_INDEX = ("CREATE INDEX IF NOT EXISTS customers_due ON customers (due_ms) "
+              "WHERE due_ms IS NOT NULL")
 FACTS_CHUNK = 100_000
 
 
@@ -225,6 +233,7 @@ class SqliteStore:
         self._erased = dict(self.db.execute("SELECT key, cutoff_ms FROM erasures")) \
             if existed or not readonly else {}
         if not readonly:
+            self.db.execute(_DUE_INDEX)
             self._ensure_facts()
 
     def _check_format(self, existed: bool) -> None:
@@ -371,6 +380,23 @@ class SqliteStore:
             if state.due_ms is not None:
                 yield cid, state.due_ms
 
+    def timer_index(self) -> _IndexedTimers:
+        return _IndexedTimers(self)
+
+    def due(self, limit_ms: int) -> list[tuple[int, str]]:
+        """(due, id) of every customer due by ``limit_ms``, in that order: the committed
+        ones from the index, those changed since the last commit from memory."""
+        dirty = self._dirty
+        found = [(due, cid) for due, cid in self.db.execute(
+            "SELECT due_ms, id FROM customers WHERE due_ms IS NOT NULL AND due_ms <= ?",
+            (limit_ms,)) if cid not in dirty]
+        for cid in dirty:
+            state = self._cache.get(cid)
+            if state is not None and state.due_ms is not None and state.due_ms <= limit_ms:
+                found.append((state.due_ms, cid))
+        found.sort()
+        return found
+
     # -- signals and actions ---------------------------------------------------------
     def add_signals(self, signals: Iterable[Signal]) -> None:
         self._signals.extend(_signal_row(s) for s in signals)
@@ -425,6 +451,11 @@ class SqliteStore:
         if not self._erased:
             return None
         return self._erased.get(erasure_key(customer_id))
+
+    def wants_commit(self) -> bool:
+        """True once ``cache_limit`` customers changed since the last commit: changed
+        states stay in memory until committed, so committing now keeps memory bounded."""
+        return self.cache_limit is not None and len(self._dirty) >= self.cache_limit
 
     def commit(self) -> None:
         """Write every buffered change, and the meta (input position) with it, atomically."""
@@ -501,6 +532,22 @@ class SqliteStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _IndexedTimers:
+    """The engine's timers for a SqliteStore: nothing to keep, the store indexes them."""
+
+    def __init__(self, store: SqliteStore) -> None:
+        self.store = store
+
+    def schedule(self, due_ms: int, customer_id: str) -> None:
+        pass  # the state's due_ms is the timer; it is indexed when committed
+
+    def due(self, limit_ms: int) -> Iterator[tuple[int, str]]:
+        return iter(self.store.due(limit_ms))
+
+    def reset(self) -> None:
+        pass
 
 
 class _Transaction:

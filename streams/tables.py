@@ -807,6 +807,9 @@ class TableStore:
         raw = self._raw(CUSTOMERS_TABLE, erasure_marker_key(customer_id))
         return None if raw is None else int(decode_record(raw)["erased"])
 
+    def wants_commit(self) -> bool:
+        return False  # a worker saves per batch of messages (streams.agent)
+
     def commit(self) -> None:
         """Nothing to do: :meth:`save` (async) is the commit on Kafka."""
 

@@ -202,3 +202,117 @@ def test_a_small_cache_changes_nothing_but_memory(tmp_path: Path) -> None:
     run_file(tmp_path / "unbounded", events)
     run_file(tmp_path / "small", events, batch=200, cache_limit=100)
     assert snapshot(tmp_path / "small") == snapshot(tmp_path / "unbounded")
+
+
+def test_timers_read_from_the_store_index_wake_what_a_heap_of_every_customer_wakes(
+    tmp_path: Path,
+) -> None:
+    # A SqliteStore run keeps no timer per customer in memory: Engine.advance asks the
+    # store (its due_ms index, plus what changed since the last commit). The oracle is the
+    # in-memory heap of every customer's due moment that a MemoryStore engine uses.
+    from retain.core.engine import HeapTimers
+    from retain.core.store import MemoryStore
+
+    events = tmp_path / "events.jsonl"
+    write_events(events, customers=300, days=200)
+    summary = run_file(tmp_path / "indexed", events, batch=200, cache_limit=100)
+
+    settings = Settings(data_dir=tmp_path / "heap", batch_size=200)
+    memory = MemoryStore()
+    engine = Engine(settings, memory, PluginHost(settings, entry_points=False))
+    assert isinstance(engine.timers, HeapTimers)
+    Runner(engine, tmp_path / "heap-rejects.jsonl").run(str(events))
+
+    stored = SqliteStore(tmp_path / "indexed" / "retain.db", readonly=True)
+    try:
+        assert summary.signals > 0
+        assert sorted(s["signal_id"] for s in stored.signals()) == \
+            sorted(s["signal_id"] for s in memory.signals())
+        assert sorted((a["action_id"], a["status"]) for a in stored.actions()) == \
+            sorted((a["action_id"], a["status"]) for a in memory.actions())
+        assert {s.customer_id: (s.due_ms, s.raised) for s in stored.states()} == \
+            {s.customer_id: (s.due_ms, s.raised) for s in memory.states()}
+    finally:
+        stored.close()
+
+
+def test_the_store_lists_due_customers_from_its_index_and_from_uncommitted_changes(
+    tmp_path: Path,
+) -> None:
+    from retain.core.state import CustomerState
+
+    store = SqliteStore(tmp_path / "retain.db", cache_limit=1)
+    try:
+        for cid, due in (("a", 50), ("b", 10), ("c", None), ("d", 30)):
+            state = CustomerState(cid)
+            state.due_ms = due
+            store.put(state)
+        store.commit()  # the cache keeps at most one of them; the rest are on disk only
+        assert store.due(40) == [(10, "b"), (30, "d")]
+        moved = store.get("b")
+        assert moved is not None
+        moved.due_ms = 60  # rescheduled but not yet committed: the index still says 10
+        store.put(moved)
+        woken = store.get("c")
+        assert woken is not None
+        woken.due_ms = 5
+        store.put(woken)
+        assert store.due(40) == [(5, "c"), (30, "d")]
+        assert store.due(100) == [(5, "c"), (30, "d"), (50, "a"), (60, "b")]
+        plan = store.db.execute(
+            "EXPLAIN QUERY PLAN SELECT due_ms, id FROM customers "
+            "WHERE due_ms IS NOT NULL AND due_ms <= ?", (40,)).fetchall()
+        assert "customers_due" in str(plan)
+    finally:
+        store.close()
+
+
+class _PeakCache(SqliteStore):
+    """A SqliteStore that remembers the most customers it ever held decoded at once."""
+
+    peak = 0
+
+    def get(self, customer_id: str) -> Any:
+        state = super().get(customer_id)
+        _PeakCache.peak = max(_PeakCache.peak, len(self._cache))
+        return state
+
+    def put(self, state: Any) -> None:
+        super().put(state)
+        _PeakCache.peak = max(_PeakCache.peak, len(self._cache))
+
+
+def test_memory_stays_bounded_when_a_long_gap_wakes_every_customer_at_once(
+    tmp_path: Path,
+) -> None:
+    # 300 customers, then a single event half a year later: the clock jump makes every
+    # customer due at once. A run with room for 40 decoded states commits in between,
+    # instead of holding all 300 until the end of the batch, and ends the same.
+    events = tmp_path / "events.jsonl"
+    lines = list(sim.simulate(300, 60, 5))
+    assert max(e["occurred_at"] for e in lines) < "2024-03-02"
+    late = dict(next(e for e in lines if e["type"] == "purchase"))
+    late.update(event_id="after-the-gap", customer_id="newcomer",
+                occurred_at="2024-09-01T00:00:00+00:00")
+    with events.open("wb") as fp:
+        sim.write_jsonl([*lines, late], fp)
+
+    run_file(tmp_path / "unbounded", events, batch=100_000)
+    settings = Settings(data_dir=tmp_path / "bounded", sinks=["jsonl"], batch_size=100_000)
+    _PeakCache.peak = 0
+    store = _PeakCache(settings.store_path, cache_limit=40)
+    try:
+        engine = Engine(settings, store, PluginHost(settings, entry_points=False))
+        summary = Runner(engine, tmp_path / "rejects.jsonl").run(str(events))
+    finally:
+        store.close()
+    stored = SqliteStore(settings.store_path, readonly=True)
+    try:
+        cutoff = max(s.watermark_ms for s in stored.states() if s.customer_id != "newcomer")
+        after_gap = {s["customer_id"] for s in stored.signals() if s["at_ms"] > cutoff}
+    finally:
+        stored.close()
+    assert summary.applied == len(lines) + 1
+    assert len(after_gap) > 2 * 40  # more customers woke at once than the run may hold
+    assert _PeakCache.peak <= 2 * 40 + 1
+    assert snapshot(tmp_path / "bounded") == snapshot(tmp_path / "unbounded")
