@@ -94,8 +94,23 @@ def write_lines(path: Path, events: list[tuple[bytes, bytes]]) -> Path:
     return path
 
 
+# ``bench all`` runs recovery and then worker-memory in one process: the second reuses the
+# first's scenario instead of filling N customers through a worker again.
+_DONE: dict[int, dict[str, Any]] = {}
+
+
 def scenario(customers: int, tmp: Path, profile: Path | None = None) -> dict[str, Any]:
-    """Fill, stop, wipe, restore; every figure the recovery and worker-memory benchmarks use."""
+    """Fill, stop, wipe, restore; every figure the recovery and worker-memory benchmarks use.
+
+    Run once per size and process; a second call returns the same figures."""
+    if customers not in _DONE:
+        _DONE[customers] = _scenario(customers, tmp, profile)
+    else:
+        say(f"reusing the scenario of this run for {customers:,} customers")
+    return _DONE[customers]
+
+
+def _scenario(customers: int, tmp: Path, profile: Path | None) -> dict[str, Any]:
     events = fill_events(customers)
     fill = write_lines(tmp / "fill.jsonl", events)
     new_event = orjson.loads(events[0][1])
