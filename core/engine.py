@@ -54,8 +54,8 @@ class HeapTimers:
     """Every customer's due moment in a heap, read from the store when first needed.
 
     For stores that hold their customers anyway (memory, a worker's tables). A store whose
-    customers mostly stay on disk indexes the moments itself (``Store.timer_index``), so
-    memory does not grow with the customers.
+    customers mostly stay on disk offers its own index instead (a ``timer_index()`` method,
+    as ``SqliteStore`` has), so memory does not grow with the customers.
     """
 
     def __init__(self, store: Store) -> None:

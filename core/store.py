@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import heapq
 import itertools
 import os
 import sqlite3
@@ -180,10 +181,12 @@ CREATE TRIGGER IF NOT EXISTS customers_delete_unmarks_facts AFTER DELETE ON cust
     BEGIN DELETE FROM meta WHERE key = 'query_facts'; END;
 """
 _FACTS_MARKER = orjson.dumps(FACTS_VERSION)
-# The engine's timers (Engine.advance) are read through this index, so a run keeps no
-# per-customer timer in memory. Every writable open makes sure it is there.
-_DUE_INDEX = ("CREATE INDEX IF NOT EXISTS customers_due ON customers (due_ms) "
+# The engine's timers (Engine.advance) are read through this index, in (due, id) order and
+# a page at a time, so a run keeps no per-customer timer in memory. Every writable open
+# makes sure it is there.
+_DUE_INDEX = ("CREATE INDEX IF NOT EXISTS customers_due_id ON customers (due_ms, id) "
               "WHERE due_ms IS NOT NULL")
+_DUE_PAGE = 1_000
 FACTS_CHUNK = 100_000
 
 
@@ -233,6 +236,7 @@ class SqliteStore:
         self._erased = dict(self.db.execute("SELECT key, cutoff_ms FROM erasures")) \
             if existed or not readonly else {}
         if not readonly:
+            self.db.execute("DROP INDEX IF EXISTS customers_due")  # (due_ms) alone: replaced
             self.db.execute(_DUE_INDEX)
             self._ensure_facts()
 
@@ -383,19 +387,27 @@ class SqliteStore:
     def timer_index(self) -> _IndexedTimers:
         return _IndexedTimers(self)
 
-    def due(self, limit_ms: int) -> list[tuple[int, str]]:
+    def due(self, limit_ms: int) -> Iterator[tuple[int, str]]:
         """(due, id) of every customer due by ``limit_ms``, in that order: the committed
-        ones from the index, those changed since the last commit from memory."""
-        dirty = self._dirty
-        found = [(due, cid) for due, cid in self.db.execute(
-            "SELECT due_ms, id FROM customers WHERE due_ms IS NOT NULL AND due_ms <= ?",
-            (limit_ms,)) if cid not in dirty]
-        for cid in dirty:
-            state = self._cache.get(cid)
-            if state is not None and state.due_ms is not None and state.due_ms <= limit_ms:
-                found.append((state.due_ms, cid))
-        found.sort()
-        return found
+        ones from the index, a page at a time, merged with those changed since the last
+        commit. Stop early and nothing more is read (``Engine.advance(bounded=True)``)."""
+        changed = sorted(
+            (state.due_ms, cid) for cid in self._dirty
+            if (state := self._cache.get(cid)) is not None
+            and state.due_ms is not None and state.due_ms <= limit_ms)
+        return heapq.merge(self._committed_due(limit_ms), changed)
+
+    def _committed_due(self, limit_ms: int) -> Iterator[tuple[int, str]]:
+        select = ("SELECT due_ms, id FROM customers WHERE due_ms IS NOT NULL AND due_ms <= ?")
+        rows = self.db.execute(f"{select} ORDER BY due_ms, id LIMIT ?",
+                               (limit_ms, _DUE_PAGE)).fetchall()
+        while rows:
+            # A customer changed since the last commit is listed from memory instead.
+            yield from ((due, cid) for due, cid in rows if cid not in self._dirty)
+            if len(rows) < _DUE_PAGE:
+                return
+            rows = self.db.execute(f"{select} AND (due_ms, id) > (?, ?) ORDER BY due_ms, id "
+                                   "LIMIT ?", (limit_ms, *rows[-1], _DUE_PAGE)).fetchall()
 
     # -- signals and actions ---------------------------------------------------------
     def add_signals(self, signals: Iterable[Signal]) -> None:
@@ -544,7 +556,7 @@ class _IndexedTimers:
         pass  # the state's due_ms is the timer; it is indexed when committed
 
     def due(self, limit_ms: int) -> Iterator[tuple[int, str]]:
-        return iter(self.store.due(limit_ms))
+        return self.store.due(limit_ms)
 
     def reset(self) -> None:
         pass

@@ -237,10 +237,12 @@ def test_timers_read_from_the_store_index_wake_what_a_heap_of_every_customer_wak
 
 
 def test_the_store_lists_due_customers_from_its_index_and_from_uncommitted_changes(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    from retain.core import store as store_module
     from retain.core.state import CustomerState
 
+    monkeypatch.setattr(store_module, "_DUE_PAGE", 2)  # so the index is read in pages
     store = SqliteStore(tmp_path / "retain.db", cache_limit=1)
     try:
         for cid, due in (("a", 50), ("b", 10), ("c", None), ("d", 30)):
@@ -248,7 +250,7 @@ def test_the_store_lists_due_customers_from_its_index_and_from_uncommitted_chang
             state.due_ms = due
             store.put(state)
         store.commit()  # the cache keeps at most one of them; the rest are on disk only
-        assert store.due(40) == [(10, "b"), (30, "d")]
+        assert list(store.due(40)) == [(10, "b"), (30, "d")]
         moved = store.get("b")
         assert moved is not None
         moved.due_ms = 60  # rescheduled but not yet committed: the index still says 10
@@ -257,12 +259,12 @@ def test_the_store_lists_due_customers_from_its_index_and_from_uncommitted_chang
         assert woken is not None
         woken.due_ms = 5
         store.put(woken)
-        assert store.due(40) == [(5, "c"), (30, "d")]
-        assert store.due(100) == [(5, "c"), (30, "d"), (50, "a"), (60, "b")]
+        assert list(store.due(40)) == [(5, "c"), (30, "d")]
+        assert list(store.due(100)) == [(5, "c"), (30, "d"), (50, "a"), (60, "b")]
         plan = store.db.execute(
             "EXPLAIN QUERY PLAN SELECT due_ms, id FROM customers "
-            "WHERE due_ms IS NOT NULL AND due_ms <= ?", (40,)).fetchall()
-        assert "customers_due" in str(plan)
+            "WHERE due_ms IS NOT NULL AND due_ms <= ? ORDER BY due_ms, id", (40,)).fetchall()
+        assert "COVERING INDEX customers_due_id" in str(plan)
     finally:
         store.close()
 
