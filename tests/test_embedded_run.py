@@ -209,8 +209,8 @@ def test_timers_read_from_the_store_index_wake_what_a_heap_of_every_customer_wak
 ) -> None:
     # A SqliteStore run keeps no timer per customer in memory: Engine.advance asks the
     # store (its due_ms index, plus what changed since the last commit). The oracle is the
-    # in-memory heap of every customer's due moment that a MemoryStore engine uses.
-    from retain.core.engine import HeapTimers
+    # in-memory list of every customer's due moment that a MemoryStore engine uses.
+    from retain.core.engine import PackedTimers
     from retain.core.store import MemoryStore
 
     events = tmp_path / "events.jsonl"
@@ -220,7 +220,7 @@ def test_timers_read_from_the_store_index_wake_what_a_heap_of_every_customer_wak
     settings = Settings(data_dir=tmp_path / "heap", batch_size=200)
     memory = MemoryStore()
     engine = Engine(settings, memory, PluginHost(settings, entry_points=False))
-    assert isinstance(engine.timers, HeapTimers)
+    assert isinstance(engine.timers, PackedTimers)
     Runner(engine, tmp_path / "heap-rejects.jsonl").run(str(events))
 
     stored = SqliteStore(tmp_path / "indexed" / "retain.db", readonly=True)
@@ -234,6 +234,58 @@ def test_timers_read_from_the_store_index_wake_what_a_heap_of_every_customer_wak
             {s.customer_id: (s.due_ms, s.raised) for s in memory.states()}
     finally:
         stored.close()
+
+
+class _TimerSource:
+    def __init__(self, pairs: list[tuple[str, int]]) -> None:
+        self.pairs = pairs
+
+    def timers(self) -> list[tuple[str, int]]:
+        return list(self.pairs)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_packed_timers_hand_out_what_a_heap_of_tuples_would_in_the_same_order(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The oracle is a plain heap of (due, id) tuples. Ties in due are frequent, ids are
+    # not all ASCII (UTF-8 bytes must sort as the strings do), callers stop early, and
+    # entries are scheduled while due() is being iterated, folding the heap into the
+    # packed arrays (a small FOLD_MIN makes that happen often).
+    import heapq
+
+    from retain.core import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "FOLD_MIN", 3)
+    rng = random.Random(seed)
+    names = ["a", "b", "ab", "é", "z", "Ω", "a1", "c\u00e9", "😀", "zz"]
+    loaded = [(f"{rng.choice(names)}{i}", rng.randrange(0, 40)) for i in range(60)]
+    oracle = [(due, cid) for cid, due in loaded]
+    heapq.heapify(oracle)
+    timers = engine_module.PackedTimers(_TimerSource(loaded))  # type: ignore[arg-type]
+    handed_out = 0
+    folds = 0
+    for limit in range(0, 160, 4):
+        stop_after = rng.choice([None, 0, 1, 3])
+        handed = 0
+        for entry in timers.due(limit):
+            # in step with the oracle: what a heap pops now, before anything is rescheduled
+            assert oracle and oracle[0][0] <= limit, (seed, limit, entry)
+            assert entry == heapq.heappop(oracle), (seed, limit)
+            handed += 1
+            for _ in range(rng.randrange(0, 3)):  # the caller reschedules as it goes
+                new = (rng.randrange(limit, limit + 30), f"{rng.choice(names)}{rng.randrange(80)}")
+                heapq.heappush(oracle, new)
+                before = timers._dues
+                timers.schedule(*new)
+                folds += timers._dues is not before
+            if stop_after is not None and handed > stop_after:
+                break
+        else:
+            assert not oracle or oracle[0][0] > limit, (seed, limit)  # nothing due left out
+        handed_out += handed
+    assert folds > 0
+    assert handed_out > 60
 
 
 def test_the_store_lists_due_customers_from_its_index_and_from_uncommitted_changes(
