@@ -43,3 +43,28 @@ async def keep_collections_short() -> None:
             await asyncio.sleep(FREEZE_EVERY_S)
     finally:
         gc.unfreeze()
+
+
+def trim_heap() -> bool:
+    """Hand the C heap's free memory back to the operating system, where glibc allows it.
+
+    A bulk restore moves gigabytes of record bytes through the heap, most of it in
+    allocations too large for Python's own allocator. Freed, glibc keeps much of it for
+    reuse (in the arena of whichever thread allocated it) instead of returning it, so the
+    worker's resident set stays at the restore's high-water mark. ``malloc_trim(0)``
+    returns what is free. False where there is no glibc (musl, macOS): nothing is done.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    trim(0)
+    return True

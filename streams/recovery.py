@@ -59,6 +59,7 @@ from mode import Service
 
 from retain.core.config import KafkaSettings
 from retain.core.logs import get_logger
+from retain.streams.collector import trim_heap
 from retain.streams.tables import ChangelogEvent
 
 log = get_logger("retain.streams")
@@ -267,8 +268,9 @@ class ChangelogRecovery(Recovery):
             log.warning("bulk table restore stopped", error=repr(exc))
         finally:
             await reader.stop()
+        trimmed = trim_heap()  # the restore's buffers are free: give them back
         log.info("bulk table restore", records=applied, seconds=round(monotonic() - started, 3),
-                 partitions_left=len(todo))
+                 partitions_left=len(todo), heap_trimmed=trimmed)
 
     def _route_to(self, tp: Any, offsets: Any, buffer_size: str) -> _Route:
         table = self.tp_to_table[tp]

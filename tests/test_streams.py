@@ -960,6 +960,15 @@ def test_a_partition_reads_only_its_own_database_of_a_rocksdb_table(tmp_path: Pa
             assert dict(TableStore(tables, partition).timers()) == {
                 cid: due_ms for cid, due_ms in customers.items() if due_ms is not None}
             assert read == [id(store._dbs[partition])]
+        # Saves not yet applied locally are laid over the stored records as they are read:
+        # a changed customer keeps its place with its new due time, a new one follows.
+        pending: dict[tuple[str, bytes], bytes | None] = {}
+        for offset, (cid, due_ms) in enumerate((("b", 99), ("new", 7)), start=10):
+            state = CustomerState(customer_id=cid)
+            state.due_ms = due_ms
+            pending[("customers", customer_key(cid))] = encode_customer(state, offset, 0)
+        overlaid = TableStore(tables, 0, in_flight=pending)
+        assert list(overlaid.timers()) == [("a", 10), ("b", 99), ("old", 5), ("new", 7)]
     finally:
         for db in store._dbs.values():
             db.close()
