@@ -4,8 +4,10 @@ The headline is the engine as ``retain run`` sets it up (Settings defaults, ever
 plugin, the JSONL sink, a SqliteStore): a store holding N customers (a realistic sample,
 replicated), then a run in a fresh child process in which each of them makes one
 purchase, so every stored customer is loaded, changed and written once. Reported: the
-process's RSS growth from before the run to after it (and at its peak), per customer. The
-baseline is the minimal loop's state, ``{customer_id: [count, sum]}``, for the same N.
+process's RSS growth from before the run to after it (and its peak during the run), per
+customer. The visits come in two runs, a first part of the customers and then the rest,
+so the RSS after the first gives the growth per additional customer too. The baseline
+is the minimal loop's state, ``{customer_id: [count, sum]}``, for the same N.
 
 The sample comes from a simulated year through the engine with every built-in plugin. It
 is also measured as decoded ``CustomerState`` objects held in a dict (RSS, and the bytes
@@ -84,15 +86,34 @@ def child(kind: str, method: str, templates_path: str, count: int) -> dict[str, 
             "build_seconds": None if seconds is None else round(seconds, 3)}
 
 
+def _reset_peak() -> bool:
+    """Reset the kernel's high-water mark of this process's RSS (VmHWM), so that the peak
+    read after a run is the run's own, not that of opening the store or warming up."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fp:
+            fp.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak() -> int:
+    with open("/proc/self/status") as fp:
+        for line in fp:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def write_visits(path: Path, count: int, clock_ms: int, *, prefix: str = "b",
-                 span_ms: int = 86_400_000) -> None:
+                 span_ms: int = 86_400_000, start: int = 0, stop: int | None = None) -> None:
     """One purchase by each of ``count`` stored customers, spread over a day after the
-    store's clock, in customer order."""
+    store's clock, in customer order; only customers ``start`` to ``stop`` when given."""
     from datetime import UTC, datetime
 
     step = max(span_ms // max(count, 1), 1)
     with path.open("wb") as fp:
-        for i in range(count):
+        for i in range(start, count if stop is None else stop):
             at = datetime.fromtimestamp((clock_ms + 60_000 + i * step) / 1000, UTC)
             fp.write(b'{"event_id":"v%d","type":"purchase","customer_id":"%s%07d",'
                      b'"occurred_at":"%s","channel":"web","order_id":"v%d","amount":"42.50",'
@@ -101,12 +122,14 @@ def write_visits(path: Path, count: int, clock_ms: int, *, prefix: str = "b",
                      % (i, prefix.encode(), i, at.isoformat().encode(), i))
 
 
-def engine_child(data_dir: str, count: int, cache: str) -> dict[str, Any]:
+def engine_child(data_dir: str, count: int, first: int, cache: str) -> dict[str, Any]:
     """``retain run`` as the CLI sets it up, over one visit by each stored customer.
 
-    Reports the process's RSS before the visits (store open, plugins started, warmed on
-    a few other customers), after them, and at its peak. The store holds ``count``
-    replicated customers; each visit loads one (a cache miss), so the run touches them all.
+    The store holds ``count`` replicated customers; each visit loads one (a cache miss), so
+    the visits touch them all. They come in two runs, the first ``first`` customers and
+    then the rest, and the process's RSS is read before the first run (store open,
+    plugins started, warmed on a few other customers), after each, and at its peak over
+    both: growth per customer, and per additional customer, from one process.
     """
     import resource
 
@@ -123,27 +146,41 @@ def engine_child(data_dir: str, count: int, cache: str) -> dict[str, Any]:
     engine = Engine(cfg, store, PluginHost(cfg, entry_points=False))
     runner = Runner(engine, root / "rejects.jsonl")
     clock = int(store.get_meta("clock_ms"))
-    warm, visits = root / "warm.jsonl", root / "visits.jsonl"
+    warm, part1, part2 = root / "warm.jsonl", root / "visits1.jsonl", root / "visits2.jsonl"
     write_visits(warm, 200, clock - 3_600_000, prefix="w", span_ms=60_000)
-    write_visits(visits, count, clock)
+    write_visits(part1, count, clock, stop=first)
+    write_visits(part2, count, clock, start=first)
     runner.run(str(warm))
     gc.collect()
     before = _rss()
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    reset = _reset_peak()
     cpu = time.process_time()
     started = time.perf_counter()
-    summary = runner.run(str(visits))
+    applied = signals = 0
+    middle = 0
+    for part in (part1, part2):
+        summary = runner.run(str(part))
+        applied, signals = applied + summary.applied, signals + summary.signals
+        if part is part1:
+            gc.collect()
+            middle = _rss()
     seconds = time.perf_counter() - started
     cpu = time.process_time() - cpu
     gc.collect()
     after = _rss()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _peak() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     cached = len(store._cache)
     store.close()
-    return {"kind": "engine", "customers": count, "cache_customers": cfg.cache_customers,
-            "cached_at_end": cached, "applied": summary.applied, "signals": summary.signals,
-            "rss_before": before, "rss_after": after, "rss_peak": peak,
+    return {"kind": "engine", "customers": count, "first": first,
+            "cache_customers": cfg.cache_customers, "cached_at_end": cached,
+            "applied": applied, "signals": signals,
+            "rss_before": before, "rss_after_first": middle, "rss_after": after,
+            "rss_peak": peak, "rss_peak_before_run": peak_before, "peak_of_run_only": reset,
             "bytes_per_customer": (after - before) / count,
+            "bytes_per_customer_after_first": (middle - before) / first,
             "peak_bytes_per_customer": (peak - before) / count,
+            "bytes_per_additional_customer": (after - middle) / (count - first),
             "seconds": round(seconds, 2), "events_per_s": count / seconds,
             "events_per_cpu_s": count / cpu}
 
@@ -201,22 +238,23 @@ def run(size: str, tmp: Path, budget_s: float | None) -> Report:
     sample.write_bytes(b"\n".join(templates) + b"\n")
     report.details["sample"] = field_sizes(templates)
 
-    # Two sizes, both well past what the cache holds (4x cache_customers), give the
-    # growth per additional customer apart from the fixed cost.
+    # One store of n customers, visited in two runs (the first `small`, then the rest):
+    # both counts well past what the cache holds (4x cache_customers) give the growth per
+    # additional customer apart from the fixed cost.
     n, small = sizes["engine_customers"], sizes["engine_smaller"]
     measured: dict[str, dict[str, Any]] = {}
-    for count in (small, n):
-        say(f"a store of {count:,} customers (the sample, replicated)")
-        data_dir = tmp / f"engine-{count}"
-        store = build_store(data_dir / "retain.db", templates, count, facts=True)
-        say(f"retain run in a child process: one purchase by each of the {count:,} customers")
-        done = subprocess.run(
-            [sys.executable, "-m", "bench.memory", "engine", str(data_dir), str(count), "default"],
-            cwd=REPO_ROOT, capture_output=True, text=True, check=True)
-        measured[f"engine/{count}"] = json.loads(done.stdout.strip().splitlines()[-1])
-        shutil.rmtree(data_dir)
+    say(f"a store of {n:,} customers (the sample, replicated)")
+    data_dir = tmp / f"engine-{n}"
+    store = build_store(data_dir / "retain.db", templates, n, facts=True)
+    say(f"retain run in a child process: one purchase by each of the {n:,} customers "
+        f"({small:,}, then the rest)")
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.memory", "engine", str(data_dir), str(n), str(small),
+         "default"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    measured[f"engine/{n}"] = json.loads(done.stdout.strip().splitlines()[-1])
+    shutil.rmtree(data_dir)
     report.details["sqlite"] = store
-    engine, smaller = measured[f"engine/{n}"], measured[f"engine/{small}"]
+    engine = measured[f"engine/{n}"]
     for kind, method, count in (("baseline", "rss", n), ("retain", "rss", sizes["decoded_customers"]),
                                 ("baseline", "tracemalloc", sizes["traced_customers"]),
                                 ("retain", "tracemalloc", sizes["traced_customers"])):
@@ -238,14 +276,15 @@ def run(size: str, tmp: Path, budget_s: float | None) -> Report:
                        f"<= {TARGET_BYTES} bytes", per <= TARGET_BYTES,
                        note=f"{n:,} customers each loaded and written once; RSS "
                        f"{engine['rss_before'] / mib:.0f} -> {engine['rss_after'] / mib:.0f} MiB "
-                       f"(peak {engine['rss_peak'] / mib:.0f}); at most "
+                       f"(peak during the run {engine['rss_peak'] / mib:.0f}, before it "
+                       f"{engine['rss_peak_before_run'] / mib:.0f}); at most "
                        f"{engine['cache_customers']:,} decoded states kept (cache_customers); "
                        f"{engine['events_per_s']:,.0f} events/s, every one a cache miss"))
-    grown = [(m["rss_after"] - m["rss_before"], m["customers"]) for m in (smaller, engine)]
-    slope = (grown[1][0] - grown[0][0]) / (grown[1][1] - grown[0][1])
-    report.add(Row("embedded engine, RSS per additional customer", slope, "bytes",
-                   note=f"slope between {smaller['customers']:,} customers (+"
-                   f"{grown[0][0] / mib:.0f} MiB) and {n:,} (+{grown[1][0] / mib:.0f} MiB): "
+    report.add(Row("embedded engine, RSS per additional customer",
+                   engine["bytes_per_additional_customer"], "bytes",
+                   note=f"RSS growth over the first {small:,} customers (+"
+                   f"{(engine['rss_after_first'] - engine['rss_before']) / mib:.0f} MiB) and over "
+                   f"all {n:,} (+{(engine['rss_after'] - engine['rss_before']) / mib:.0f} MiB): "
                    "the growth is a fixed cost (decoded cache, commit buffers) when this is ~0"))
     for method, label in (("rss", "RSS growth"), ("tracemalloc", "allocated (tracemalloc)")):
         mine = measured[f"retain/{method}"]
@@ -276,8 +315,9 @@ def run(size: str, tmp: Path, budget_s: float | None) -> Report:
 if __name__ == "__main__":
     if len(sys.argv) == 6 and sys.argv[1] == "child":
         print(json.dumps(child(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))))
-    elif len(sys.argv) == 5 and sys.argv[1] == "engine":
-        print(json.dumps(engine_child(sys.argv[2], int(sys.argv[3]), sys.argv[4])))
+    elif len(sys.argv) == 6 and sys.argv[1] == "engine":
+        print(json.dumps(engine_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]),
+                                      sys.argv[5])))
     else:
         sys.exit("usage: python -m bench.memory child retain|baseline rss|tracemalloc FILE N\n"
-                 "       python -m bench.memory engine DATA_DIR N CACHE|default")
+                 "       python -m bench.memory engine DATA_DIR N FIRST CACHE|default")
