@@ -348,12 +348,15 @@ async def _raw_consume(dep: Deployment, topics: list[str], expected: int,
     """The baseline consumer: read ``topics`` from the beginning, ``orjson.loads`` each value."""
     import orjson
 
-    async with reading_from_start(dep.settings, topics) as (consumer, _):
+    async with reading_from_start(dep.settings, topics) as (consumer, tps):
+        ends = await consumer.end_offsets(tps)
         seen = parsed = 0
         first = last = 0.0
         cpu = time.process_time()
         deadline = time.monotonic() + timeout
-        while seen < expected and time.monotonic() < deadline:
+        # To the end offsets, not to a count: a compacted topic has gaps in its offsets.
+        while (seen < expected and any([await consumer.position(tp) < ends[tp] for tp in tps])) \
+                and time.monotonic() < deadline:
             for records in (await consumer.getmany(timeout_ms=200, max_records=5000)).values():
                 if not first:
                     first = time.perf_counter()
@@ -370,6 +373,171 @@ async def _raw_consume(dep: Deployment, topics: list[str], expected: int,
 def raw_consume(dep: Deployment, topics: list[str], expected: int,
                 timeout: float = 120.0) -> dict[str, Any]:
     return asyncio.run(_raw_consume(dep, topics, expected, timeout))
+
+
+HOLD_COMPACTION_MS = 24 * 3600 * 1000
+
+
+def hold_compaction(dep: Deployment, topics: list[str]) -> dict[str, str]:
+    """Keep the brokers from compacting ``topics`` for a day (``min.compaction.lag.ms``).
+
+    The log cleaner works on closed segments (128 MiB here) at times of its own choosing,
+    so a changelog of a million customers loses records while it is being read, and
+    neither the baseline nor the restore would read a known number of records. Held, they
+    read every record written, every rewrite included: the most a restore can have to do.
+    Returns each topic's value of the setting as the brokers then describe it."""
+    return asyncio.run(_hold_compaction(dep, topics))
+
+
+async def _hold_compaction(dep: Deployment, topics: list[str]) -> dict[str, str]:
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    from retain.streams.topics import client_options
+
+    admin = AIOKafkaAdminClient(**client_options(dep.settings.kafka))
+    await admin.start()
+    try:
+        # alter_configs replaces a topic's whole dynamic configuration: keep what is set.
+        kept = await _dynamic_configs(admin, topics)
+        answers = await admin.alter_configs([
+            ConfigResource(ConfigResourceType.TOPIC, t,
+                           {**kept[t], "min.compaction.lag.ms": str(HOLD_COMPACTION_MS)})
+            for t in topics])
+        failed = [r for answer in answers for r in answer.resources if r[0] != 0]
+        if failed:
+            raise RuntimeError(f"could not hold the compaction of {topics}: {failed}")
+        # The brokers apply a change through their metadata log: wait until they show it.
+        want = str(HOLD_COMPACTION_MS)
+        deadline = time.monotonic() + 30
+        now = await _dynamic_configs(admin, topics)
+        while any(now[t].get("min.compaction.lag.ms") != want for t in topics):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the brokers do not show the held compaction: {now}")
+            await asyncio.sleep(0.2)
+            now = await _dynamic_configs(admin, topics)
+    finally:
+        await admin.close()
+    return {t: now[t].get("min.compaction.lag.ms", "") for t in topics}
+
+
+DYNAMIC_TOPIC_CONFIG = 1  # a config entry's source: set on the topic itself
+
+
+async def _dynamic_configs(admin: Any, topics: list[str]) -> dict[str, dict[str, str]]:
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    responses = await admin.describe_configs(
+        [ConfigResource(ConfigResourceType.TOPIC, t) for t in topics])
+    found: dict[str, dict[str, str]] = {}
+    for response in responses:
+        for _, _, _, name, entries in response.resources:
+            found[name] = {e[0]: e[1] for e in entries if e[3] == DYNAMIC_TOPIC_CONFIG}
+    return found
+
+
+def widen_changelogs(dep: Deployment, factor: int) -> dict[str, Any]:
+    """Make the changelogs hold ``factor`` times the customers they hold: see :func:`_widen`."""
+    return asyncio.run(_widen(dep, factor))
+
+
+WIDEN_BATCH_BYTES = 512 << 10  # under the broker's default message.max.bytes (1 MiB)
+WIDEN_IN_FLIGHT = 64  # batches sent and not yet acknowledged
+
+
+async def _widen(dep: Deployment, factor: int) -> dict[str, Any]:
+    """Copy every customer's changelog records ``factor - 1`` times under new customer ids.
+
+    Filling changelogs through a worker runs at the worker's speed (item 2), minutes per
+    million customers; this copies what a real fill wrote. Each customer of partition P
+    gets, per copy, a new id that the producers' partitioner (murmur2) also sends to P, so
+    its events would reach the copy's state. A copy keeps the records of the original in
+    their order (every rewrite of the state, not only the last) in the customers,
+    recent-signals and recent-actions changelogs, with ``"customer_id":"<id>"`` rewritten.
+    The partition-meta changelog is not copied: it is one record per partition.
+    """
+    from aiokafka import AIOKafkaProducer
+
+    from retain.streams.topics import CUSTOMERS_TABLE, changelog_topic, client_options
+    from retain.streams.web import murmur2_partition
+
+    topics = dep.changelogs()[:3]  # customers, recent signals, recent actions
+    customers_topic = changelog_topic(dep.kafka["app_id"], CUSTOMERS_TABLE)
+    started = time.perf_counter()
+    held: dict[tuple[str, int], list[tuple[bytes, bytes | None]]] = {}
+    async with reading_from_start(dep.settings, topics) as (consumer, tps):
+        ends = await consumer.end_offsets(tps)
+        deadline = time.monotonic() + WORKER_TIMEOUT_S
+        while any([await consumer.position(tp) < ends[tp] for tp in tps]):
+            if time.monotonic() > deadline:
+                raise RuntimeError("could not read the changelogs to their end")
+            for tp, records in (await consumer.getmany(timeout_ms=200,
+                                                        max_records=20_000)).items():
+                held.setdefault((tp.topic, tp.partition), []).extend(
+                    (r.key, r.value) for r in records)
+    read_s = time.perf_counter() - started
+
+    # New ids, per partition, from one deterministic sequence of names.
+    partitions = PARTITIONS
+    originals: dict[int, list[bytes]] = {}
+    for (topic, p), records in held.items():
+        if topic == customers_topic:
+            seen = dict.fromkeys(k for k, _ in records if not k.startswith(b"\0"))
+            originals[p] = list(seen)
+    pool: dict[int, list[bytes]] = {p: [] for p in range(partitions)}
+    n = 0
+    renamed: dict[tuple[int, bytes], list[bytes]] = {}
+    for p, keys in originals.items():
+        for key in keys:
+            names = []
+            for _ in range(factor - 1):
+                while not pool[p]:
+                    name = b"w%08d" % n
+                    n += 1
+                    pool[murmur2_partition(name, partitions)].append(name)
+                names.append(pool[p].pop())
+            renamed[(p, key)] = names
+
+    copied = 0
+    written = 0
+    producer = AIOKafkaProducer(max_batch_size=WIDEN_BATCH_BYTES, acks=1,
+                                **client_options(dep.settings.kafka))
+    await producer.start()
+    try:
+        pending: list[Any] = []
+        for copy in range(factor - 1):
+            for (topic, p), records in held.items():
+                batch = producer.create_batch()
+                for key, value in records:
+                    names = renamed.get((p, key))
+                    if names is None:
+                        continue  # an erasure marker, or a key without a customer record
+                    new = names[copy]
+                    if value is not None:
+                        value = value.replace(b'"customer_id":"' + key + b'"',
+                                              b'"customer_id":"' + new + b'"')
+                    if batch.append(key=new, value=value, timestamp=None) is None:
+                        pending.append(await producer.send_batch(batch, topic, partition=p))
+                        batch = producer.create_batch()
+                        batch.append(key=new, value=value, timestamp=None)
+                    copied += 1
+                    written += len(new) + (len(value) if value else 0)
+                    if len(pending) >= WIDEN_IN_FLIGHT:
+                        await asyncio.gather(*pending)
+                        pending.clear()
+                if batch.record_count():
+                    pending.append(await producer.send_batch(batch, topic, partition=p))
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+    customers = sum(len(keys) for keys in originals.values())
+    pairs = [[key.decode(), renamed[(p, key)][-1].decode()] for p, keys in
+             sorted(originals.items()) for key in keys[:1] if factor > 1]
+    return {"factor": factor, "copies_of": pairs, "customers_before": customers,
+            "customers": customers * factor,
+            "records_read": sum(len(r) for r in held.values()), "records_copied": copied,
+            "bytes_copied": written, "read_s": round(read_s, 2),
+            "seconds": round(time.perf_counter() - started, 2)}
 
 
 def rate_between(samples: list[Sample], total: int) -> dict[str, Any]:

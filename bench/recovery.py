@@ -1,19 +1,26 @@
 """A worker restoring N customers from the changelogs (issue 7, item 5).
 
 1. Fill: one purchase per customer (each customer's first simulated purchase, under its
-   own id) is produced for N customers, and a first worker (RocksDB tables with
+   own id) is produced for N / k customers, and a first worker (RocksDB tables with
    changelogs, every built-in plugin) processes them all, then stops cleanly.
-2. The changelog topics now hold what a new worker must restore (customers, recent
+2. Widen: the changelog records of those customers are copied k - 1 times under new ids
+   that the partitioner sends to the same partitions (``kafkaharness.widen_changelogs``),
+   so the changelogs hold N customers without a worker processing N events (at a
+   worker's rate, item 2, that would take minutes per million). The compaction of the
+   changelogs is held for the run (``kafkaharness.hold_compaction``): every record
+   written, rewrites included, stays to be read.
+3. The changelog topics now hold what a new worker must restore (customers, recent
    signals, recent actions, partition meta). The baseline reads the same changelog
    topics with a raw aiokafka consumer and ``orjson.loads`` each value.
-3. An idle worker (another deployment, empty topics) is started: its start-to-ready time
+4. An idle worker (another deployment, empty topics) is started: its start-to-ready time
    is the fixed cost of starting any worker, and its resident set is the idle baseline
    for ``bench worker-memory``.
-4. The first worker's local data dir (RocksDB and all) is deleted, one new event is
+5. The first worker's local data dir (RocksDB and all) is deleted, one new event is
    produced, and a new worker is started on the same app id. It must restore everything
    from the changelogs: restore time = its start-to-ready minus the idle worker's;
    records/s = changelog records / restore time. Also: the time from its start until it
-   has processed the new event.
+   has processed the new event. The restored worker must serve a copied customer exactly
+   as it serves the original (``check_copies``).
 """
 
 from __future__ import annotations
@@ -28,9 +35,11 @@ from bench import kafkaharness as kh
 from bench.common import RESULTS_DIR, Report, Row, say
 
 SIZES: dict[str, dict[str, Any]] = {
-    "quick": {"customers": 20_000},
-    "full": {"customers": 200_000},
+    "quick": {"customers": 20_000, "processed": 5_000},
+    "full": {"customers": 1_000_000, "processed": 50_000},
 }
+"""``customers`` are restored; a worker processes ``processed`` of them, and their
+changelog records are copied under new ids for the rest (``kafkaharness.widen_changelogs``)."""
 TARGET_RECORDS_PER_S = 50_000.0
 FILL_TIMEOUT_S = 900.0
 
@@ -38,7 +47,8 @@ FILL_TIMEOUT_S = 900.0
 def run(size: str, tmp: Path, budget: float | None) -> Report:
     report = Report("recovery", size, dict(SIZES[size]))
     profile = RESULTS_DIR / ("recovery.pyspy.txt" if size == "quick" else "recovery.full.pyspy.txt")
-    got = scenario(SIZES[size]["customers"], tmp, profile if kh.py_spy() else None)
+    got = scenario(SIZES[size]["customers"], SIZES[size]["processed"], tmp,
+                   profile if kh.py_spy() else None)
     report.details.update(got)
     records = got["changelog_records"]
     restore_s = got["restore_s"]
@@ -94,32 +104,51 @@ def write_lines(path: Path, events: list[tuple[bytes, bytes]]) -> Path:
     return path
 
 
+def check_copies(worker: kh.Worker, pairs: list[list[str]]) -> int:
+    """The restored worker serves each copied customer as it serves the original, apart from
+    the id: otherwise the copies would not be what they stand for."""
+    for original, copy in pairs:
+        got = [worker.get(f"/customers/{cid}", timeout=10.0) for cid in (original, copy)]
+        if any(g is None or g[0] != 200 for g in got):
+            raise RuntimeError(f"the restored worker does not serve {original} and its copy "
+                               f"{copy}: {got}")
+        a, b = (orjson.dumps(g[1]) for g in got)  # type: ignore[index]
+        if a.replace(original.encode(), copy.encode()) != b:
+            raise RuntimeError(f"the copy {copy} of {original} differs from it")
+    return len(pairs)
+
+
 # ``bench all`` runs recovery and then worker-memory in one process: the second reuses the
 # first's scenario instead of filling N customers through a worker again.
 _DONE: dict[int, dict[str, Any]] = {}
 
 
-def scenario(customers: int, tmp: Path, profile: Path | None = None) -> dict[str, Any]:
-    """Fill, stop, wipe, restore; every figure the recovery and worker-memory benchmarks use.
+def scenario(customers: int, processed: int, tmp: Path,
+             profile: Path | None = None) -> dict[str, Any]:
+    """Fill, widen, stop, wipe, restore; every figure the recovery and worker-memory
+    benchmarks use.
 
     Run once per size and process; a second call returns the same figures."""
     if customers not in _DONE:
-        _DONE[customers] = _scenario(customers, tmp, profile)
+        _DONE[customers] = _scenario(customers, processed, tmp, profile)
     else:
         say(f"reusing the scenario of this run for {customers:,} customers")
     return _DONE[customers]
 
 
-def _scenario(customers: int, tmp: Path, profile: Path | None) -> dict[str, Any]:
-    events = fill_events(customers)
+def _scenario(customers: int, processed: int, tmp: Path, profile: Path | None
+              ) -> dict[str, Any]:
+    factor = max(1, round(customers / processed))
+    events = fill_events(customers // factor)
     fill = write_lines(tmp / "fill.jsonl", events)
     new_event = orjson.loads(events[0][1])
     new_event.update({"customer_id": "r-new", "event_id": "r-new-1", "order_id": "r-new-o1"})
-    out: dict[str, Any] = {"customers": len(events)}
+    out: dict[str, Any] = {"customers": len(events) * factor, "processed": len(events)}
     with kh.broker(tmp) as bootstrap:
         dep = kh.make_deployment(bootstrap, tmp, "br")
         produced = kh.produce_file(dep, fill)
         say(f"produced {produced['produced']} events, one per customer")
+        out["compaction_held"] = kh.hold_compaction(dep, dep.changelogs())
         with kh.running(dep, "fill") as worker:
             out["fill_ready_s"] = round(worker.wait_ready(), 2)
             samples = worker.wait_messages(len(events), FILL_TIMEOUT_S)
@@ -128,6 +157,12 @@ def _scenario(customers: int, tmp: Path, profile: Path | None) -> dict[str, Any]
             out["fill"]["rss_after_bytes"] = worker.rss()
             out["fill"]["stop_code"] = worker.stop()
         say(f"filled {len(events)} customers at {out['fill']['per_second']:,.0f} events/s")
+        if factor > 1:
+            out["widened"] = kh.widen_changelogs(dep, factor)
+            say(f"copied their changelog records {factor - 1} times: "
+                f"{out['widened']['records_copied']:,} records, "
+                f"{out['widened']['bytes_copied'] / 2**20:,.0f} MiB in "
+                f"{out['widened']['seconds']:.1f}s")
 
         counts = kh.message_counts(dep, dep.changelogs())
         out["changelogs"] = counts
@@ -159,6 +194,8 @@ def _scenario(customers: int, tmp: Path, profile: Path | None) -> dict[str, Any]
                 out["restore_profile"] = kh.summarise_profile(profile)
                 out["restore_profile"]["file"] = str(profile)
             first = worker.wait_messages(1, 120, poll=kh.POLL_S)[-1].t - worker.started
+            if factor > 1:
+                out["copies_checked"] = check_copies(worker, out["widened"]["copies_of"])
             time.sleep(2.0)
             out["recovering"] = {"ready_s": round(ready, 2), "first_event_s": round(first, 2),
                                  "rss_bytes": worker.rss(), "cpu_s": worker.cpu_s()}
