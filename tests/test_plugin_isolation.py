@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
 from collections.abc import Callable
@@ -171,6 +172,44 @@ def test_a_plugin_slow_now_and_then_is_flagged_but_stays_enabled(settings: Setti
     health = result.health["SometimesSlow"]
     assert health.slow_calls >= 3
     assert health.disabled is None
+
+
+class InsideSlowCollections:
+    """Allocates enough to set off the cyclic GC, and each collection while it runs is slow:
+    a full collection over a large heap lands inside whatever allocates at that moment."""
+
+    def __init__(self) -> None:
+        self.inside = False
+        self.pauses = 0
+
+    def collector(self, phase: str, info: dict[str, int]) -> None:
+        if self.inside and phase == "start":
+            self.pauses += 1
+            time.sleep(0.015)
+
+    @hookimpl
+    def retain_react_to_event(self, event: AnyEvent) -> list[Action] | None:
+        self.inside = True
+        try:
+            kept = [[] for _ in range(3 * gc.get_threshold()[0])]
+        finally:
+            self.inside = False
+        return None if kept else []
+
+
+def test_time_in_the_garbage_collector_is_not_charged_to_the_plugin(settings: Settings) -> None:
+    settings.plugins.time_budget_ms = 10
+    plugin = InsideSlowCollections()
+    with Harness(plugin, settings=settings) as harness:
+        gc.callbacks.append(plugin.collector)  # after the host's clock: its pauses count
+        try:
+            result = harness.run(history(EventFactory()), advance_days=120)
+        finally:
+            gc.callbacks.remove(plugin.collector)
+    health = result.health["InsideSlowCollections"]
+    assert plugin.pauses >= 2 * health.calls > 0  # every call spent over 20 ms collecting
+    assert health.total_ms > 20 * health.calls
+    assert health.slow_calls == 0 and health.failures == 0 and health.disabled is None
 
 
 def test_a_hanging_async_plugin_is_cancelled_at_the_budget_and_disabled(
