@@ -53,7 +53,7 @@ from bench.common import (
 
 SIZES: dict[str, dict[str, Any]] = {
     "quick": {"events": 100_000, "budget_s": 6.0, "profile_budget_s": 6.0},
-    "full": {"events": 1_000_000, "budget_s": 25.0, "profile_budget_s": 12.0},
+    "full": {"events": 1_000_000, "budget_s": 20.0, "profile_budget_s": 6.0},
 }
 PROFILE_FILES = {"quick": "embedded.profile.txt", "full": "embedded.full.profile.txt"}
 TARGET_RATE = 200_000

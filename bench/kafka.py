@@ -26,7 +26,7 @@ from bench.common import RESULTS_DIR, Report, Row, say
 
 SIZES: dict[str, dict[str, Any]] = {
     "quick": {"events": 20_000, "baseline_passes": 3, "profile_s": 20},
-    "full": {"events": 200_000, "baseline_passes": 3, "profile_s": 20},
+    "full": {"events": 100_000, "baseline_passes": 3, "profile_s": 10},
 }
 TARGET_RATE = 20_000.0
 TARGET_RATIO = 0.25

@@ -37,7 +37,7 @@ from bench.common import (
 
 SIZES: dict[str, dict[str, Any]] = {
     "quick": {"events": 100_000, "budget_s": 15.0, "micro_calls": 20_000},
-    "full": {"events": 300_000, "budget_s": 45.0, "micro_calls": 100_000},
+    "full": {"events": 300_000, "budget_s": 36.0, "micro_calls": 100_000},
 }
 TRIVIAL = 7
 ROUNDS = 3

@@ -9,8 +9,7 @@ LocalQuery, default parameters (the last twelve months, by month), answered from
 query facts; the same query answered by the full scan of every state (the path before
 the facts, ``use_facts=False``) is timed too, and the two answers must be equal. The
 baseline is the floor any full-scan query over this store pays: read every row and
-``orjson.loads`` it. Reading ``store.states()`` (the same plus building CustomerState
-objects) is shown as well.
+``orjson.loads`` it.
 """
 
 from __future__ import annotations
@@ -68,13 +67,8 @@ def run(size: str, tmp: Path, budget_s: float | None) -> Report:
 
         say("baseline: read and parse every row")
         floor = _best(scan, repeats)
-        say("store.states()")
-        states = _best(lambda: sum(1 for _ in store.states()), repeats)
         report.add(Row("baseline: SELECT + orjson.loads per row", floor.wall_s, "s",
                        note=f"{n:,} customers, best of {repeats}", cpu_value=floor.cpu_s))
-        report.add(Row("store.states() (rows -> CustomerState)", states.wall_s, "s", floor.wall_s,
-                       "s baseline", floor.wall_s / states.wall_s if states.wall_s else None,
-                       cpu_value=states.cpu_s))
         say("reading the query facts")
         facts = _best(lambda: len(query._facts(with_ids=True).ids), repeats)
         report.add(Row("read the query facts (SELECT + numpy columns)", facts.wall_s, "s",
@@ -85,8 +79,8 @@ def run(size: str, tmp: Path, budget_s: float | None) -> Report:
                        note="once, on the first writable open", cpu_value=migrate.cpu_s))
         answers: dict[str, Any] = {}
         scanned: dict[str, Any] = {}
-        timings = {"baseline_scan": floor.to_dict(), "states": states.to_dict(),
-                   "facts_read": facts.to_dict(), "facts_build": migrate.to_dict()}
+        timings = {"baseline_scan": floor.to_dict(), "facts_read": facts.to_dict(),
+                   "facts_build": migrate.to_dict()}
         cases = {
             "CRR by month (metrics retention)": lambda q: q.metric("retention"),
             "cohorts by month (metrics cohorts)": lambda q: q.metric("cohorts", max_offset=6),

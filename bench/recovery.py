@@ -36,7 +36,7 @@ from bench.common import RESULTS_DIR, Report, Row, say
 
 SIZES: dict[str, dict[str, Any]] = {
     "quick": {"customers": 20_000, "processed": 5_000},
-    "full": {"customers": 1_000_000, "processed": 50_000},
+    "full": {"customers": 1_000_000, "processed": 25_000},
 }
 """``customers`` are restored; a worker processes ``processed`` of them, and their
 changelog records are copied under new ids for the rest (``kafkaharness.widen_changelogs``)."""
