@@ -343,6 +343,11 @@ def message_counts(dep: Deployment, topics: list[str]) -> dict[str, int]:
     return asyncio.run(_end_offsets(dep, topics))
 
 
+async def _short_of(consumer: Any, ends: dict[Any, int]) -> bool:
+    """Whether ``consumer`` has yet to read any of its partitions up to ``ends``."""
+    return any([await consumer.position(tp) < end for tp, end in ends.items()])
+
+
 async def _raw_consume(dep: Deployment, topics: list[str], expected: int,
                        timeout: float) -> dict[str, Any]:
     """The baseline consumer: read ``topics`` from the beginning, ``orjson.loads`` each value."""
@@ -355,7 +360,7 @@ async def _raw_consume(dep: Deployment, topics: list[str], expected: int,
         cpu = time.process_time()
         deadline = time.monotonic() + timeout
         # To the end offsets, not to a count: a compacted topic has gaps in its offsets.
-        while (seen < expected and any([await consumer.position(tp) < ends[tp] for tp in tps])) \
+        while seen < expected and await _short_of(consumer, ends) \
                 and time.monotonic() < deadline:
             for records in (await consumer.getmany(timeout_ms=200, max_records=5000)).values():
                 if not first:
@@ -468,7 +473,7 @@ async def _widen(dep: Deployment, factor: int) -> dict[str, Any]:
     async with reading_from_start(dep.settings, topics) as (consumer, tps):
         ends = await consumer.end_offsets(tps)
         deadline = time.monotonic() + WORKER_TIMEOUT_S
-        while any([await consumer.position(tp) < ends[tp] for tp in tps]):
+        while await _short_of(consumer, ends):
             if time.monotonic() > deadline:
                 raise RuntimeError("could not read the changelogs to their end")
             for tp, records in (await consumer.getmany(timeout_ms=200,
