@@ -5,6 +5,9 @@ before anything reads it. Then, in the same run:
 
 * the baseline: an aiokafka consumer assigned every partition reads the topic from the
   beginning and ``orjson.loads`` every value (median of three passes);
+* Faust's floor: a bare Faust agent with the worker's Faust settings, reading the same
+  topic as the worker reads it and doing only ``orjson.loads`` (:mod:`bench.faust_floor`,
+  median of three passes): how fast Faust's stream hands messages over at all;
 * retain: one ``retain worker`` (RocksDB tables with changelogs, every built-in plugin,
   signals and actions produced) starts on the filled topic; its ``GET /health``
   ``messages`` counter is polled every 20 ms, and the rate runs from the first poll that
@@ -25,8 +28,8 @@ from bench import kafkaharness as kh
 from bench.common import RESULTS_DIR, Report, Row, say
 
 SIZES: dict[str, dict[str, Any]] = {
-    "quick": {"events": 20_000, "baseline_passes": 3, "profile_s": 20},
-    "full": {"events": 100_000, "baseline_passes": 3, "profile_s": 10},
+    "quick": {"events": 20_000, "baseline_passes": 3, "floor_passes": 3, "profile_s": 20},
+    "full": {"events": 100_000, "baseline_passes": 3, "floor_passes": 3, "profile_s": 10},
 }
 TARGET_RATE = 20_000.0
 TARGET_RATIO = 0.25
@@ -48,6 +51,13 @@ def run(size: str, tmp: Path, budget: float | None) -> Report:
         base_cpu_rate = base["messages"] / base["cpu_s"] if base["cpu_s"] else None
         report.details["baseline_passes"] = passes
         say(f"raw consumer: {base_rate:,.0f}/s")
+
+        floors = [kh.faust_floor(dep, total) for _ in range(sizes["floor_passes"])]
+        floor = sorted(floors, key=lambda p: p["first_to_last_s"])[len(floors) // 2]
+        floor_rate = floor["messages"] / floor["first_to_last_s"]
+        floor_cpu_rate = floor["messages"] / floor["cpu_s"] if floor["cpu_s"] else None
+        report.details["faust_floor_passes"] = floors
+        say(f"bare Faust agent: {floor_rate:,.0f}/s")
 
         measured = kh.measure_worker(dep, total, "throughput")
         report.details["worker"] = measured
@@ -73,6 +83,17 @@ def run(size: str, tmp: Path, budget: float | None) -> Report:
                    met=ratio is not None and ratio >= TARGET_RATIO,
                    cpu_value=(measured["rate"]["per_cpu_second"] / base_cpu_rate)
                    if base_cpu_rate and measured["rate"]["per_cpu_second"] else None))
+    report.add(Row("bare Faust agent, orjson.loads only", round(floor_rate, 1), "events/s",
+                   baseline=round(base_rate, 1), baseline_what="raw aiokafka + orjson",
+                   ratio=floor_rate / base_rate if base_rate else None,
+                   cpu_value=round(floor_cpu_rate, 1) if floor_cpu_rate else None,
+                   note="Faust's floor: the worker's Faust settings and way of reading, no "
+                        f"other work; median of {len(floors)} passes: "
+                        + ", ".join(f"{p['messages'] / p['first_to_last_s']:,.0f}/s"
+                                    for p in floors)))
+    report.add(Row("ratio worker / bare Faust agent", rate / floor_rate, "×",
+                   cpu_value=(measured["rate"]["per_cpu_second"] / floor_cpu_rate)
+                   if floor_cpu_rate and measured["rate"]["per_cpu_second"] else None))
     report.add(Row("raw consumer (baseline)", round(base_rate, 1), "events/s",
                    cpu_value=round(base_cpu_rate, 1) if base_cpu_rate else None,
                    note=f"median of {len(passes)} passes: "

@@ -23,6 +23,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -378,6 +379,39 @@ async def _raw_consume(dep: Deployment, topics: list[str], expected: int,
 def raw_consume(dep: Deployment, topics: list[str], expected: int,
                 timeout: float = 120.0) -> dict[str, Any]:
     return asyncio.run(_raw_consume(dep, topics, expected, timeout))
+
+
+def faust_floor(dep: Deployment, expected: int, timeout: float = 300.0) -> dict[str, Any]:
+    """Faust's floor (:mod:`bench.faust_floor`) over the events topic of ``dep``: a bare
+    agent with the worker's Faust settings in a consumer group of its own, stopped once it
+    has read ``expected`` messages. Its rate runs from its first message to its last."""
+    from bench.common import REPO_ROOT
+    from bench.faust_floor import EXPECTED_ENV, OUT_ENV
+
+    other = dep.with_app(f"{dep.kafka['app_id']}-floor-{uuid.uuid4().hex[:6]}", "floor")
+    out = dep.tmp / f"{other.kafka['app_id']}.json"
+    log_path = dep.tmp / f"{other.kafka['app_id']}.log"
+    env = {**other.env, EXPECTED_ENV: str(expected), OUT_ENV: str(out)}
+    started = time.perf_counter()
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "bench.faust_floor", "worker", "-l", "warn"],
+                                env=env, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not out.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
+                raise RuntimeError(f"the bare Faust agent did not read {expected} messages "
+                                   f"(exit {proc.poll()}):\n{tail}")
+            time.sleep(POLL_S)
+        result: dict[str, Any] = json.loads(out.read_text())
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    result["start_to_done_s"] = round(time.perf_counter() - started, 2)
+    return result
 
 
 HOLD_COMPACTION_MS = 24 * 3600 * 1000

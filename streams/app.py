@@ -58,32 +58,9 @@ def create_app(settings: Settings, *, partitions: int | None = None) -> Any:
     n = partitions or kafka.partitions
     app = faust.App(
         kafka.app_id,
-        broker=[f"kafka://{s.strip()}" for s in kafka.bootstrap_servers.split(",") if s.strip()],
-        broker_credentials=_credentials(kafka),
+        **faust_options(settings, n),
         store=store_url(kafka.store),
         datadir=str(Path(settings.data_dir) / "worker"),
-        autodiscover=False,
-        topic_partitions=n,
-        processing_guarantee="at_least_once",
-        consumer_auto_offset_reset="earliest",
-        broker_session_timeout=SESSION_TIMEOUT_S,
-        broker_heartbeat_interval=HEARTBEAT_INTERVAL_S,
-        stream_publish_on_commit=False,
-        web_enabled=True,
-        web_bind=kafka.web_host,
-        web_host=kafka.web_host,
-        web_port=kafka.web_port,
-        canonical_url=kafka.web_advertised_url or f"http://{kafka.web_host}:{kafka.web_port}",
-        # Faust's own pages would show table contents to anyone, token or not.
-        web_tables_enabled=False,
-        web_router_enabled=False,
-        web_stats_enabled=False,
-        web_graph_enabled=False,
-        worker_redirect_stdouts=False,
-        # Let the brokers' limit decide: anything the events topic accepted can then be
-        # set aside whole (Faust's own default, 1,000,000 bytes, is below Kafka's).
-        producer_max_request_size=PRODUCER_MAX_REQUEST_BYTES,
-        producer_max_batch_size=PRODUCER_BATCH_BYTES,
         TableManager=RetainTableManager,  # restores with a leaner loop (streams/recovery.py)
     )
 
@@ -117,6 +94,41 @@ def create_app(settings: Settings, *, partitions: int | None = None) -> Any:
     _register_views(app, runtime)
     return app
 
+
+
+def faust_options(settings: Settings, partitions: int) -> dict[str, Any]:
+    """The worker's Faust settings, apart from its store, data dir and table manager.
+
+    ``bench kafka`` builds its bare Faust agent from these, so that the floor it measures
+    is Faust's as the worker configures it."""
+    kafka = settings.kafka
+    servers = [s.strip() for s in kafka.bootstrap_servers.split(",") if s.strip()]
+    return {
+        "broker": [f"kafka://{s}" for s in servers],
+        "broker_credentials": _credentials(kafka),
+        "autodiscover": False,
+        "topic_partitions": partitions,
+        "processing_guarantee": "at_least_once",
+        "consumer_auto_offset_reset": "earliest",
+        "broker_session_timeout": SESSION_TIMEOUT_S,
+        "broker_heartbeat_interval": HEARTBEAT_INTERVAL_S,
+        "stream_publish_on_commit": False,
+        "web_enabled": True,
+        "web_bind": kafka.web_host,
+        "web_host": kafka.web_host,
+        "web_port": kafka.web_port,
+        "canonical_url": kafka.web_advertised_url or f"http://{kafka.web_host}:{kafka.web_port}",
+        # Faust's own pages would show table contents to anyone, token or not.
+        "web_tables_enabled": False,
+        "web_router_enabled": False,
+        "web_stats_enabled": False,
+        "web_graph_enabled": False,
+        "worker_redirect_stdouts": False,
+        # Let the brokers' limit decide: anything the events topic accepted can then be
+        # set aside whole (Faust's own default, 1,000,000 bytes, is below Kafka's).
+        "producer_max_request_size": PRODUCER_MAX_REQUEST_BYTES,
+        "producer_max_batch_size": PRODUCER_BATCH_BYTES,
+    }
 
 def runtime_of(app: Any) -> Runtime:
     """The :class:`Runtime` (tables, topics, engines, health) of an app from create_app."""
