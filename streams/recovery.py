@@ -31,8 +31,12 @@ Before that loop, the bulk of an active restore (at least
 (:meth:`ChangelogRecovery._bulk_restore`). Faust's consumer hands its thread's records to
 the event loop one at a time (two tasks and a wait per record, about 40 µs); a plain
 aiokafka consumer's ``getmany`` returns thousands at once. The records are applied with
-the same ``apply_changelog_batch`` and move the same offsets. Whatever it has not read
-when it stops (time up, a rebalance, a partition that ends in transaction markers) is
+the same ``apply_changelog_batch`` and move the same offsets. It runs in the step that
+seeks the active partitions, which Faust would otherwise cut off after
+``broker_request_timeout``; that step is not bound as a whole, so a restore of millions
+of records on a slow machine is not handed to the slower path half-way
+(:meth:`ChangelogRecovery._wait`). Whatever it has not read when it stops (a rebalance, a
+partition that ends in transaction markers, a fetch that brings nothing for a second) is
 left to Faust's consumer and the loop above, from the offsets reached.
 
 Two things around the loop, for speed only:
@@ -56,6 +60,7 @@ from faust.tables.manager import TableManager
 from faust.tables.recovery import Recovery
 from faust.utils.tracing import finish_span
 from mode import Service
+from mode.utils.times import want_seconds
 
 from retain.core.config import KafkaSettings
 from retain.core.logs import get_logger
@@ -88,8 +93,9 @@ stayed to the end. An idle worker then asks about 20 times a second, which a bro
 answers from memory."""
 
 BULK_SHARE_OF_TIMEOUT = 0.5
-"""The bulk read stops after this share of ``broker_request_timeout``: Faust waits that
-long for the step it runs in (seeking the active partitions), then gives up on it."""
+"""Where the step the bulk read runs in (seeking the active partitions) is still bound by
+``broker_request_timeout`` as a whole (see :meth:`ChangelogRecovery._wait`), the bulk read
+stops after this share of it: Faust gives up on a step that takes longer."""
 
 BULK_FETCH_RECORDS = 20_000
 """Records taken from the bulk consumer at a time."""
@@ -207,17 +213,40 @@ class ChangelogRecovery(Recovery):
                     topic=tp.topic, partition=tp.partition)
         return None
 
-    async def _seek_offsets(self, consumer: Any, tps: set[Any], offsets: Any, title: str) -> None:
-        if title == "active":
-            await self._bulk_restore(tps, offsets)
-        await super()._seek_offsets(consumer, tps, offsets, title)
+    _seek_timeout: float | None = None
 
-    async def _bulk_restore(self, tps: set[Any], offsets: Any) -> None:
+    async def _wait(self, coro: Any, timeout: Any = None) -> None:
+        # Faust bounds every step of a recovery by broker_request_timeout, and a step that
+        # runs out of time stops the recovery service. The step that seeks the active
+        # partitions starts with the bulk restore, which takes as long as the changelogs
+        # take to read (minutes for millions of records on a slow machine); cut short, it
+        # left the rest to Faust's path at a tenth of the speed. So that step is not bound
+        # as a whole: the bulk restore ends on its own (every partition at its high-water
+        # mark, a fetch that brings nothing, a rebalance, a stop), and Faust's seek after
+        # it gets the bound (_seek_offsets).
+        if timeout is not None and getattr(coro, "cr_code", None) is _SEEK_CODE:
+            self._seek_timeout, timeout = want_seconds(timeout), None
+        await super()._wait(coro, timeout)
+
+    async def _seek_offsets(self, consumer: Any, tps: set[Any], offsets: Any, title: str) -> None:
+        timeout, self._seek_timeout = self._seek_timeout, None
+        if title == "active":
+            await self._bulk_restore(tps, offsets, bounded=timeout is None)
+        seeking = super()._seek_offsets(consumer, tps, offsets, title)
+        if timeout is None:
+            await seeking
+        else:
+            await super()._wait(seeking, timeout)
+
+    async def _bulk_restore(self, tps: set[Any], offsets: Any, bounded: bool = True) -> None:
         """Read what the active partitions ``tps`` lack with a consumer of our own, and
         apply it as the changelog loop would: in offset order, only beyond the offset
         reached, through the table's ``apply_changelog_batch`` (which records the offset
         in the store). ``offsets`` (Faust's active offsets) move with what is applied, so
-        Faust's consumer is then sought past it and restores only what is left."""
+        Faust's consumer is then sought past it and restores only what is left.
+
+        ``bounded``: whether the step it runs in is still bound by Faust's timeout (see
+        :meth:`_wait`); it then stops after a share of that time."""
         highwaters = self.active_highwaters
         todo = {(tp.topic, tp.partition): tp for tp in tps
                 if highwaters.get(tp) is not None and offsets[tp] is not None
@@ -234,7 +263,8 @@ class ChangelogRecovery(Recovery):
 
         from retain.streams.topics import client_options
 
-        deadline = monotonic() + BULK_SHARE_OF_TIMEOUT * float(self.app.conf.broker_request_timeout)
+        deadline = monotonic() + BULK_SHARE_OF_TIMEOUT * float(self.app.conf.broker_request_timeout) \
+            if bounded else None
         reader = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, fetch_max_wait_ms=10,
                                   max_partition_fetch_bytes=BULK_PARTITION_FETCH_BYTES,
                                   fetch_max_bytes=4 * BULK_PARTITION_FETCH_BYTES,
@@ -246,7 +276,7 @@ class ChangelogRecovery(Recovery):
             for key, tp in todo.items():
                 reader.seek(TopicPartition(*key), offsets[tp] + 1)
             while todo and not self.should_stop and not self.signal_recovery_start.is_set() \
-                    and monotonic() < deadline:
+                    and (deadline is None or monotonic() < deadline):
                 fetched = await reader.getmany(timeout_ms=BULK_IDLE_MS, max_records=BULK_FETCH_RECORDS)
                 if not fetched:
                     break
@@ -335,6 +365,10 @@ class ChangelogRecovery(Recovery):
                 log.info("aborted transactions up to the high-water mark",
                          topic=tp.topic, partition=tp.partition)
                 offsets[tp] = highwater
+
+
+_SEEK_CODE = ChangelogRecovery._seek_offsets.__code__
+"""How :meth:`ChangelogRecovery._wait` tells the seek step's coroutine from the others."""
 
 
 class RetainTableManager(TableManager):

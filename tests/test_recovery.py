@@ -244,3 +244,56 @@ def test_the_brokers_hold_an_empty_fetch_briefly_while_and_after_tables_are_rest
 
     assert asyncio.run(waits()) == [1500, RECOVERY_FETCH_WAIT_MS, RECOVERY_FETCH_WAIT_MS,
                                     STEADY_FETCH_WAIT_MS]
+
+
+def test_the_bulk_restore_may_take_longer_than_faust_allows_a_recovery_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Faust bounds each step of a recovery by ``broker_request_timeout`` and stops the
+    recovery when one runs over. The bulk restore runs in the step that seeks the active
+    partitions, and reading millions of records can take longer than that on a slow
+    machine. That step is therefore not bound as a whole; Faust's own seek after the bulk
+    restore, and every other step, still are."""
+    from faust.tables.recovery import Recovery, ServiceStopped
+
+    from retain.streams.recovery import ChangelogRecovery
+
+    bound_s = 0.1
+    calls: list[tuple[str, Any]] = []
+
+    async def faust_seek(self: Any, consumer: Any, tps: Any, offsets: Any, title: str) -> None:
+        calls.append(("faust seek", title))
+        await asyncio.sleep(seek_s)
+
+    monkeypatch.setattr(Recovery, "_seek_offsets", faust_seek)
+
+    async def step(title: str) -> None:
+        app = _app()
+        recovery = ChangelogRecovery(app, app.tables)
+
+        async def bulk(tps: Any, offsets: Any, bounded: bool = True) -> None:
+            calls.append(("bulk", bounded))
+            await asyncio.sleep(4 * bound_s)
+
+        recovery._bulk_restore = bulk  # type: ignore[method-assign]
+        await recovery._wait(recovery._seek_offsets(None, set(), {}, title), timeout=bound_s)
+
+    seek_s = 0.0
+    asyncio.run(step("active"))
+    asyncio.run(step("standby"))
+    assert calls == [("bulk", False), ("faust seek", "active"), ("faust seek", "standby")]
+
+    seek_s = 4 * bound_s  # Faust's own seek hangs: the bound still holds
+    for title in ("active", "standby"):
+        calls.clear()
+        with pytest.raises(ServiceStopped):
+            asyncio.run(step(title))
+        assert calls[-1] == ("faust seek", title)
+
+    async def other_step() -> None:
+        app = _app()
+        recovery = ChangelogRecovery(app, app.tables)
+        await recovery._wait(asyncio.sleep(4 * bound_s), timeout=bound_s)
+
+    with pytest.raises(ServiceStopped):
+        asyncio.run(other_step())
