@@ -1014,8 +1014,20 @@ def _command_name(info: Any) -> str:
     return str(name).lower().replace("_", "-")
 
 
+def _names_a_builtin(argv: list[str]) -> bool:
+    """Whether ``argv`` runs a built-in command: no plugin command could replace it (a clash
+    is refused), so the installed packages need not be searched for plugins (30-50 ms)."""
+    from retain.entry import command_of
+
+    name = command_of(argv)
+    return name is not None and "_RETAIN_COMPLETE" not in os.environ and (
+        any(_command_name(c) == name for c in app.registered_commands)
+        or any(g.name == name for g in app.registered_groups))
+
+
 def main() -> None:
-    _load_plugin_commands()
+    if not _names_a_builtin(sys.argv[1:]):
+        _load_plugin_commands()
     try:
         with _only_the_invoked_command(sys.argv[1:]):
             result = app(standalone_mode=False)

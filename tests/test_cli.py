@@ -241,3 +241,31 @@ def test_typer_builds_only_the_invoked_command_and_the_app_is_left_whole(
         assert everything <= set(built)
     else:
         assert set(built) == expect
+
+
+@pytest.mark.parametrize(("argv", "searched"), [
+    (["schema"], False),
+    (["--data-dir", "elsewhere", "customer", "show", "c1"], False),
+    (["--help"], True),           # lists the plugins' commands too
+    (["hello"], True),            # not built in: perhaps a plugin's
+])
+def test_plugin_commands_are_looked_for_only_when_the_command_is_not_built_in(
+        monkeypatch: pytest.MonkeyPatch, argv: list[str], searched: bool) -> None:
+    """Start-up: searching the installed packages for plugins takes 30-50 ms, and a
+    plugin's command can never replace a built-in one."""
+    from importlib import metadata
+
+    from retain import cli
+
+    groups: list[str | None] = []
+    real = metadata.entry_points
+
+    def recording(**kwargs: Any) -> Any:
+        groups.append(kwargs.get("group"))
+        return real(**kwargs)
+
+    monkeypatch.setattr(metadata, "entry_points", recording)
+    monkeypatch.setattr(sys, "argv", ["retain", *argv])
+    with pytest.raises(SystemExit):
+        cli.main()
+    assert ("retain" in groups) is searched
