@@ -8,6 +8,7 @@ interrupted run resumes exactly where its last commit left off.
 
 from __future__ import annotations
 
+import bisect
 import fcntl
 import hashlib
 import heapq
@@ -180,6 +181,31 @@ CREATE TRIGGER IF NOT EXISTS customers_update_unmarks_facts AFTER UPDATE ON cust
 CREATE TRIGGER IF NOT EXISTS customers_delete_unmarks_facts AFTER DELETE ON customers
     BEGIN DELETE FROM meta WHERE key = 'query_facts'; END;
 """
+# The facts are also kept in blocks: each row of facts_blocks holds, concatenated, the
+# facts of the customers whose ids lie from its `lo` up to the next block's (the first
+# block's `lo` is '', so every id has a block). A whole-base read is then a few hundred
+# rows instead of a row per customer. A block is used only while `fresh`: the triggers
+# below clear it, in the writing transaction, whenever a customer of its range changes
+# in query_facts, and such a range is read from query_facts itself. A writable store
+# rebuilds its stale blocks when it opens and when it closes (_refresh_blocks).
+_BLOCKS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS facts_blocks (
+    lo TEXT PRIMARY KEY, fresh INTEGER NOT NULL, n INTEGER NOT NULL,
+    head BLOB NOT NULL, days BLOB NOT NULL, rest BLOB NOT NULL, ids TEXT NOT NULL);
+CREATE TRIGGER IF NOT EXISTS facts_insert_stales_block AFTER INSERT ON query_facts
+    BEGIN UPDATE facts_blocks SET fresh = 0 WHERE fresh AND lo =
+        (SELECT max(lo) FROM facts_blocks WHERE lo <= NEW.id); END;
+CREATE TRIGGER IF NOT EXISTS facts_update_stales_block AFTER UPDATE ON query_facts
+    BEGIN UPDATE facts_blocks SET fresh = 0 WHERE fresh AND lo =
+        (SELECT max(lo) FROM facts_blocks WHERE lo <= NEW.id); END;
+CREATE TRIGGER IF NOT EXISTS facts_delete_stales_block AFTER DELETE ON query_facts
+    BEGIN UPDATE facts_blocks SET fresh = 0 WHERE fresh AND lo =
+        (SELECT max(lo) FROM facts_blocks WHERE lo <= OLD.id); END;
+"""
+BLOCK_CUSTOMERS = 2_048
+"""Customers per block of facts when blocks are (re)built."""
+_FACTS_COLUMNS = ("CAST(group_concat(head, '') AS BLOB), CAST(group_concat(days, '') AS BLOB), "
+                  "CAST(group_concat(rest, '') AS BLOB)")
 _FACTS_MARKER = orjson.dumps(FACTS_VERSION)
 # The engine's timers (Engine.advance) are read through this index, in (due, id) order and
 # a page at a time, so a run keeps no per-customer timer in memory. Every writable open
@@ -239,6 +265,7 @@ class SqliteStore:
             self.db.execute("DROP INDEX IF EXISTS customers_due")  # (due_ms) alone: replaced
             self.db.execute(_DUE_INDEX)
             self._ensure_facts()
+            self._refresh_blocks()
 
     def _check_format(self, existed: bool) -> None:
         if existed:
@@ -264,6 +291,7 @@ class SqliteStore:
             return
         with self._transaction():
             self.db.execute("DROP TABLE IF EXISTS query_facts")  # maybe of another layout
+            self.db.execute("DROP TABLE IF EXISTS facts_blocks")  # built from it
             self._create_facts_schema()
             after: str | None = None
             while True:
@@ -287,6 +315,84 @@ class SqliteStore:
     def _mark_facts(self) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta VALUES ('query_facts', ?)", (_FACTS_MARKER,))
 
+    def _refresh_blocks(self) -> None:
+        """Rebuild the stale blocks of facts (all of them, the first time): one transaction."""
+        with self._transaction():
+            if not self._facts_marked():
+                return
+            if not self._blocks_guarded():
+                # Blocks without their triggers (query_facts rebuilt by a retain from before
+                # the blocks) may be stale without saying so: start again.
+                self.db.execute("DROP TABLE IF EXISTS facts_blocks")
+            for statement in _BLOCKS_SCHEMA.split(";\n"):
+                if statement.strip():
+                    self.db.execute(statement)
+            bounds = [lo for (lo,) in self.db.execute("SELECT lo FROM facts_blocks ORDER BY lo")]
+            if not bounds:
+                self._fill_blocks("", None)
+                return
+            stale = [lo for (lo,) in self.db.execute(
+                "SELECT lo FROM facts_blocks WHERE NOT fresh ORDER BY lo")]
+            for lo in stale:
+                after = bisect.bisect_right(bounds, lo)
+                self.db.execute("DELETE FROM facts_blocks WHERE lo = ?", (lo,))
+                self._fill_blocks(lo, bounds[after] if after < len(bounds) else None)
+
+    def _blocks_guarded(self) -> bool:
+        """Whether the triggers that mark blocks stale are all there."""
+        (count,) = self.db.execute(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND name IN "
+            "('facts_insert_stales_block', 'facts_update_stales_block', "
+            "'facts_delete_stales_block')").fetchone()
+        return bool(count == 3)
+
+    def _fill_blocks(self, lo: str, hi: str | None) -> None:
+        """Blocks of at most BLOCK_CUSTOMERS for the ids from ``lo`` up to ``hi``; the first
+        keeps ``lo`` as its bound. An empty range gets no block (the block before it covers
+        it, unchanged), except the first block of all."""
+        upper = "" if hi is None else " AND id < ?"
+        query = (f"SELECT count(*), min(id), max(id), {_FACTS_COLUMNS}, group_concat(id, char(31)) "
+                 f"FROM (SELECT * FROM query_facts WHERE id {{}} ?{upper} ORDER BY id LIMIT ?)")
+        first, after = True, lo
+        while True:
+            args = (after, *(() if hi is None else (hi,)), BLOCK_CUSTOMERS)
+            n, low, high, head, days, rest, ids = self.db.execute(
+                query.format(">=" if first else ">"), args).fetchone()
+            if n or (first and lo == ""):
+                self.db.execute("INSERT INTO facts_blocks VALUES (?, 1, ?, ?, ?, ?, ?)",
+                                (lo if first else low, n, head or b"", days or b"",
+                                 rest or b"", ids or ""))
+            if n < BLOCK_CUSTOMERS:
+                return
+            first, after = False, high
+
+    def _facts_from_blocks(self, with_ids: bool) -> list[tuple[Any, ...]] | None:
+        """The facts as rows of (heads, days, rests[, ids]), a block at a time; a stale
+        block's range is read from query_facts. None when there are no blocks."""
+        wanted = "head, days, rest" + (", ids" if with_ids else "")
+        try:
+            blocks = self.db.execute(
+                "SELECT lo, fresh, " + ", ".join(f"CASE WHEN fresh THEN {c} END"
+                                                 for c in wanted.split(", "))
+                + " FROM facts_blocks ORDER BY lo").fetchall()
+        except sqlite3.OperationalError:  # a store from before the blocks, opened read-only
+            return None
+        if not blocks or blocks[0][0] != "" or not self._blocks_guarded():
+            return None
+        columns = _FACTS_COLUMNS + (", group_concat(id, char(31))" if with_ids else "")
+        rows: list[tuple[Any, ...]] = []
+        for i, (lo, fresh, *parts) in enumerate(blocks):
+            if fresh:
+                rows.append(tuple(parts))
+            elif i + 1 < len(blocks):
+                rows.append(self.db.execute(
+                    f"SELECT {columns} FROM query_facts WHERE id >= ? AND id < ?",
+                    (lo, blocks[i + 1][0])).fetchone())
+            else:
+                rows.append(self.db.execute(
+                    f"SELECT {columns} FROM query_facts WHERE id >= ?", (lo,)).fetchone())
+        return rows
+
     def query_facts(
         self, with_ids: bool = False, chunk: int | None = None,
     ) -> tuple[list[str] | None, bytes, bytes, bytes] | None:
@@ -295,28 +401,29 @@ class SqliteStore:
         the store cannot vouch for them: no facts yet (a store written before they existed,
         opened read-only), or states changed in this process and not yet committed.
 
-        SQLite concatenates the rows itself (``group_concat``), so Python handles a few
-        large strings, not a row per customer. If the result would be longer than SQLite
-        allows (a billion bytes by default), or ``chunk`` is given, it goes ``chunk``
-        customers at a time (by default ``FACTS_CHUNK``), which costs a little more.
+        They come from the blocks (``facts_blocks``), with the range of any stale block
+        read from ``query_facts``. Without blocks (a store from before them, opened
+        read-only), or when ``chunk`` is given, SQLite concatenates the rows of
+        ``query_facts`` itself (``group_concat``), so Python handles a few large strings,
+        not a row per customer. If the result would be longer than SQLite allows (a
+        billion bytes by default), or ``chunk`` is given, that goes ``chunk`` customers at
+        a time (by default ``FACTS_CHUNK``), which costs a little more.
         """
         if self._dirty:
             return None
-        columns = ", ".join(
-            f"CAST(group_concat({c}, '') AS BLOB)" for c in ("head", "days", "rest")
-        ) + (", group_concat(id, char(31))" if with_ids else "")
+        columns = _FACTS_COLUMNS + (", group_concat(id, char(31))" if with_ids else "")
         self.db.execute("BEGIN")  # one snapshot for the marker and every read
         try:
             if not self._facts_marked():
                 return None
-            rows: list[tuple[Any, ...]] = []
-            if chunk is None:
+            rows = self._facts_from_blocks(with_ids) if chunk is None else None
+            if rows is None and chunk is None:
                 try:
                     rows = [self.db.execute(f"SELECT {columns} FROM query_facts").fetchone()]
                 except sqlite3.DatabaseError:  # too big for one string
                     chunk = FACTS_CHUNK
-            if chunk is not None:
-                rows = self._facts_in_chunks(columns, chunk)
+            if rows is None:
+                rows = self._facts_in_chunks(columns, chunk or FACTS_CHUNK)
         finally:
             self.db.execute("COMMIT")
         ids: list[str] = []
@@ -530,6 +637,8 @@ class SqliteStore:
 
     def close(self) -> None:
         try:
+            if not self.readonly:
+                self._refresh_blocks()
             self.db.close()
         finally:
             self._release()

@@ -297,6 +297,71 @@ def test_more_events_after_the_first_run_keep_facts_and_answers_in_step(
         store.close()
 
 
+def _facts_now(settings: Settings) -> tuple[Any, Any, tuple[int, int, int]]:
+    """What a reader gets from the blocks, what it gets from the rows of query_facts, and
+    (blocks, stale blocks, most customers in a block)."""
+    with SqliteStore(settings.store_path, readonly=True) as reader:
+        blocks = reader.db.execute(
+            "SELECT count(*), total(NOT fresh), max(n) FROM facts_blocks").fetchone()
+        return (reader.query_facts(with_ids=True),
+                reader.query_facts(with_ids=True, chunk=10**9),  # the rows, not the blocks
+                (int(blocks[0]), int(blocks[1]), int(blocks[2])))
+
+
+def test_blocks_of_facts_read_what_the_rows_hold_through_changes(
+    world: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whole-base reads come from blocks of facts; a block whose customers changed is
+    read from the rows until the writer closes and rebuilds it."""
+    import orjson
+
+    from retain.core import store as store_module
+
+    monkeypatch.setattr(store_module, "BLOCK_CUSTOMERS", 16)
+    settings = _copy_without_facts(world, "blocks")
+    SqliteStore(settings.store_path).close()  # builds the facts, then the blocks
+    got, rows, (count, stale, largest) = _facts_now(settings)
+    assert got is not None and got == rows
+    assert count >= 10 and stale == 0 and largest == 16
+
+    # More events for known customers, new customers before, among and after the known
+    # ones, and a forgotten customer: committed, not yet closed.
+    lines = []
+    more = world["tmp"] / "blocks-more.jsonl"
+    with more.open("wb") as fp:
+        sim.write_jsonl(sim.simulate(40, 30, 98), fp)
+    base = orjson.loads(more.read_bytes().splitlines()[0])
+    for n, cid in enumerate(["a-first", "c00100x", "zz-last"]):
+        lines.append(orjson.dumps({**base, "customer_id": cid, "event_id": f"new-{n}"}))
+    more.write_bytes(more.read_bytes() + b"\n".join(lines) + b"\n")
+    writer = SqliteStore(settings.store_path)
+    try:
+        engine = Engine(settings, writer, PluginHost(settings, entry_points=False))
+        Runner(engine, settings.data_dir / "rejects.jsonl").run(str(more))
+        ids = [r[0] for r in writer.db.execute("SELECT id FROM query_facts ORDER BY id")]
+        assert writer.forget(ids[len(ids) // 2])
+        got, rows, (count, stale, largest) = _facts_now(settings)
+        assert got == rows
+        assert {"a-first", "c00100x", "zz-last"} <= set(got[0])
+        assert 0 < stale < count
+    finally:
+        writer.close()  # rebuilds the stale blocks
+    got, rows, (count, stale, largest) = _facts_now(settings)
+    assert got == rows and stale == 0 and largest <= 16
+
+    # Blocks left without their triggers (as a retain from before the blocks leaves them
+    # when it rebuilds the facts) may be stale without saying so: they are not used, and
+    # the next writable open builds them again.
+    with SqliteStore(settings.store_path) as store:
+        store.db.execute("DROP TRIGGER facts_update_stales_block")
+        store.db.execute("UPDATE query_facts SET rest = x'00' WHERE id = 'zz-last'")
+        got, rows, (count, stale, _) = _facts_now(settings)
+        assert stale == 0  # nothing says that a block changed,
+        assert got == rows  # and still what the rows hold is read
+    got, rows, (count, stale, _) = _facts_now(settings)
+    assert got == rows and stale == 0 and got is not None and got[3].endswith(b"\x00")
+
+
 # -- properties: random customers (the generators of test_metrics) ---------------------------
 from hypothesis import HealthCheck, given  # noqa: E402
 from hypothesis import settings as hypothesis_settings  # noqa: E402
