@@ -22,6 +22,7 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 import orjson
 
 from retain.core.facts import FACTS_VERSION, pack
+from retain.core.logs import get_logger
 from retain.core.signals import Signal
 from retain.core.state import CustomerState
 
@@ -228,6 +229,7 @@ class SqliteStore:
         self.path = path
         self.readonly = readonly
         self.cache_limit = cache_limit
+        self._closed = False
         self._lock: IO[bytes] | None = None
         if readonly:
             if not path.exists():
@@ -636,9 +638,16 @@ class SqliteStore:
         return _Transaction(self.db)
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         try:
             if not self.readonly:
-                self._refresh_blocks()
+                try:
+                    self._refresh_blocks()
+                except sqlite3.Error as exc:  # derived data: the next writable open tries again
+                    get_logger("retain.store").warning(
+                        "blocks of query facts not rebuilt", path=str(self.path), error=str(exc))
             self.db.close()
         finally:
             self._release()

@@ -362,6 +362,23 @@ def test_blocks_of_facts_read_what_the_rows_hold_through_changes(
     assert got == rows and stale == 0 and got is not None and got[3].endswith(b"\x00")
 
 
+def test_a_writer_closes_even_when_its_blocks_cannot_be_rebuilt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The blocks are derived data: failing to rebuild them at close must not fail the
+    command that closes the store, nor keep its lock."""
+    path = tmp_path / "retain.db"
+    store = SqliteStore(path)
+
+    def failing() -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(store, "_refresh_blocks", failing)
+    store.close()
+    store.close()  # twice is harmless
+    SqliteStore(path).close()  # the lock was released
+
+
 # -- properties: random customers (the generators of test_metrics) ---------------------------
 from hypothesis import HealthCheck, given  # noqa: E402
 from hypothesis import settings as hypothesis_settings  # noqa: E402
