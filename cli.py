@@ -984,25 +984,35 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise SystemExit(code)
 
 
+def _invoked_builtin(argv: list[str]) -> tuple[list[Any], list[Any]] | None:
+    """The built-in command (or group) that ``argv`` runs, as typer registered it; None
+    without a command name (``retain``, ``retain --help``), with a name that is not built
+    in (perhaps a plugin's; the error for an unknown one lists the others), and during
+    shell completion."""
+    from retain.entry import command_of
+
+    name = command_of(argv)
+    if name is None or "_RETAIN_COMPLETE" in os.environ:
+        return None
+    commands = [c for c in app.registered_commands if _command_name(c) == name]
+    groups = [g for g in app.registered_groups if g.name == name]
+    return (commands, groups) if commands or groups else None
+
+
 @contextmanager
 def _only_the_invoked_command(argv: list[str]) -> Iterator[None]:
     """Let typer build only the command being run, for as long as it runs.
 
     typer turns every registered command into a click command at each start, about 30 ms
-    for ours, and running one needs only that one. Without a command name (``retain``,
-    ``retain --help``), with an unknown one (the error lists the others) and during shell
-    completion, every command stays.
+    for ours, and running one needs only that one. Unless a built-in command is named
+    (:func:`_invoked_builtin`), every command stays.
     """
-    from retain.entry import command_of
-
-    name = command_of(argv)
-    commands = [c for c in app.registered_commands if _command_name(c) == name]
-    groups = [g for g in app.registered_groups if g.name == name]
-    if name is None or not (commands or groups) or "_RETAIN_COMPLETE" in os.environ:
+    invoked = _invoked_builtin(argv)
+    if invoked is None:
         yield
         return
     kept = app.registered_commands, app.registered_groups
-    app.registered_commands, app.registered_groups = commands, groups
+    app.registered_commands, app.registered_groups = invoked
     try:
         yield
     finally:
@@ -1014,19 +1024,10 @@ def _command_name(info: Any) -> str:
     return str(name).lower().replace("_", "-")
 
 
-def _names_a_builtin(argv: list[str]) -> bool:
-    """Whether ``argv`` runs a built-in command: no plugin command could replace it (a clash
-    is refused), so the installed packages need not be searched for plugins (30-50 ms)."""
-    from retain.entry import command_of
-
-    name = command_of(argv)
-    return name is not None and "_RETAIN_COMPLETE" not in os.environ and (
-        any(_command_name(c) == name for c in app.registered_commands)
-        or any(g.name == name for g in app.registered_groups))
-
-
 def main() -> None:
-    if not _names_a_builtin(sys.argv[1:]):
+    # A plugin's command can never replace a built-in one (a clash is refused), so running
+    # a built-in needs no search of the installed packages for plugins.
+    if _invoked_builtin(sys.argv[1:]) is None:
         _load_plugin_commands()
     try:
         with _only_the_invoked_command(sys.argv[1:]):

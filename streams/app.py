@@ -95,7 +95,6 @@ def create_app(settings: Settings, *, partitions: int | None = None) -> Any:
     return app
 
 
-
 def faust_options(settings: Settings, partitions: int) -> dict[str, Any]:
     """The worker's Faust settings, apart from its store, data dir and table manager.
 
@@ -129,6 +128,7 @@ def faust_options(settings: Settings, partitions: int) -> dict[str, Any]:
         "producer_max_request_size": PRODUCER_MAX_REQUEST_BYTES,
         "producer_max_batch_size": PRODUCER_BATCH_BYTES,
     }
+
 
 def runtime_of(app: Any) -> Runtime:
     """The :class:`Runtime` (tables, topics, engines, health) of an app from create_app."""
