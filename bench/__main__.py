@@ -1,6 +1,8 @@
-"""``python -m bench NAME [--size quick|full] [--json-out FILE] [--budget SECONDS]``.
+"""``python -m bench NAME [--size quick|full] [--json-out FILE] [--budget SECONDS] [--profile]``.
 
-NAME is one benchmark, ``all`` (every implemented one, in turn) or ``list``.
+NAME is one benchmark, ``all`` (every implemented one, in turn) or ``list``. ``--profile``
+also writes the profiles that explain the figures (cProfile of the embedded engine, py-spy
+of the worker and of the restore) to bench/results/.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import Report, print_report, write_json
+from bench.common import Report, print_report, set_profiling, write_json
 
 BENCHMARKS: dict[str, str] = {
     "embedded": "embedded throughput of retain run vs a minimal orjson loop (issue 7, item 1)",
@@ -41,7 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds a slow engine run may take before it stops at the next "
                         "commit (default: per size; 0 = no limit)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile (cProfile; py-spy for the Kafka benchmarks, when "
+                        "installed) and write the profiles to bench/results/")
     args = parser.parse_args(argv)
+    set_profiling(args.profile)
 
     if args.name == "list":
         for name, what in BENCHMARKS.items():

@@ -501,6 +501,18 @@ def write_json(report: Report, path: Path | None) -> Path:
 
 _STARTED = time.perf_counter()
 
+_PROFILING = {"on": False}
+
+
+def set_profiling(on: bool) -> None:
+    """``--profile``: also profile (cProfile, py-spy), which takes longer and, for py-spy
+    attached to a measured worker, costs it some CPU."""
+    _PROFILING["on"] = on
+
+
+def profiling() -> bool:
+    return _PROFILING["on"]
+
 
 def say(message: str) -> None:
     """Progress on stderr (with seconds since start), so a long run shows what it is doing."""

@@ -9,7 +9,8 @@ To say where the time goes, the same events also run through cheaper variants, e
 step more of the pipeline than the last: decode only, decode + reducer, the engine with
 only the detector plugin, the engine with every built-in (both on a MemoryStore, no sink),
 and finally the full path with persistence. Their differences are the marginal cost of
-each step. The full path is also run under cProfile (``embedded.profile.txt``).
+each step. With ``--profile`` the full path is also run under cProfile
+(``embedded.profile.txt``).
 
 While the full path is slower than the requested size allows in the time budget, it runs
 over a subsample instead: every event of a share of the customers, sized from a short
@@ -43,6 +44,7 @@ from bench.common import (
     fit_to_budget,
     lines_before,
     memory_engine,
+    profiling,
     read_lines,
     say,
     settings,
@@ -370,6 +372,8 @@ def run(size: str, tmp: Path, budget_s: float | None) -> Report:
     report.details["full_path"] = {k: (v.to_dict() if isinstance(v, Timing) else v)
                                    for k, v in full.items()}
 
+    if not profiling():
+        return report
     profile_budget = sizes["profile_budget_s"]
     say(f"cProfile of the full path (budget {profile_budget}s)")
     # The profiler roughly doubles the cost of each Python call: profile half as many events.

@@ -14,7 +14,7 @@ before anything reads it. Then, in the same run:
   shows a saved batch to the first that shows all of them (its CPU time over the same
   stretch comes from /proc).
 
-With py-spy installed, a second worker (another consumer group on the same topic) is
+With ``--profile`` and py-spy installed, a second worker (another consumer group on the same topic) is
 sampled while it works, and the collapsed stacks are summarised by function.
 """
 
@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from bench import kafkaharness as kh
-from bench.common import RESULTS_DIR, Report, Row, say
+from bench.common import RESULTS_DIR, Report, Row, profiling, say
 
 SIZES: dict[str, dict[str, Any]] = {
     "quick": {"events": 20_000, "baseline_passes": 3, "floor_passes": 3, "profile_s": 20},
-    "full": {"events": 100_000, "baseline_passes": 3, "floor_passes": 3, "profile_s": 10},
+    "full": {"events": 50_000, "baseline_passes": 3, "floor_passes": 3, "profile_s": 10},
 }
 TARGET_RATE = 20_000.0
 TARGET_RATIO = 0.25
@@ -69,7 +69,7 @@ def run(size: str, tmp: Path, budget: float | None) -> Report:
         report.details["outputs"] = counts
         report.details["outputs_per_event"] = {k: round(v / total, 3) for k, v in counts.items()}
 
-        if kh.py_spy() is not None:
+        if profiling() and kh.py_spy() is not None:
             report.details["profile"] = profile_worker(dep, total, sizes["profile_s"], size)
 
     ratio = rate / base_rate if base_rate else None

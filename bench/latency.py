@@ -31,7 +31,7 @@ from bench.common import EVENTS_PER_CUSTOMER_YEAR, SIM_DAYS, Report, Row, say
 
 SIZES: dict[str, dict[str, Any]] = {
     "quick": {"calibration_events": 6_000, "events": 4_000, "max_seconds": 30},
-    "full": {"calibration_events": 30_000, "events": 30_000, "max_seconds": 120},
+    "full": {"calibration_events": 20_000, "events": 20_000, "max_seconds": 120},
 }
 TARGET_P99_MS = 100.0
 WARMUP_SHARE = 0.05

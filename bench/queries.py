@@ -7,9 +7,10 @@ the facts (what an existing store goes through on its first writable open after 
 upgrade; timed). Each query then runs as the CLI runs it: a read-only SqliteStore,
 LocalQuery, default parameters (the last twelve months, by month), answered from the
 query facts; the same query answered by the full scan of every state (the path before
-the facts, ``use_facts=False``) is timed too, and the two answers must be equal. The
-baseline is the floor any full-scan query over this store pays: read every row and
-``orjson.loads`` it.
+the facts, ``use_facts=False``) is timed too, and the two answers must be equal; at the
+full size only for the first query, as each full scan of a million states takes 20-30 s
+on the slower machine. The baseline is the floor any full-scan query over this store
+pays: read every row and ``orjson.loads`` it.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import orjson
 from bench.common import Report, Row, Timing, build_store, sample_states, say, settings, timed
 
 SIZES: dict[str, dict[str, Any]] = {
-    "quick": {"customers": 50_000, "sample_customers": 1_500, "repeats": 2},
-    "full": {"customers": 1_000_000, "sample_customers": 2_000, "repeats": 1},
+    "quick": {"customers": 50_000, "sample_customers": 1_500, "repeats": 2, "full_scans": 3},
+    "full": {"customers": 1_000_000, "sample_customers": 2_000, "repeats": 1, "full_scans": 1},
 }
 TARGET_S = 1.0
 
@@ -86,6 +87,7 @@ def run(size: str, tmp: Path, budget_s: float | None) -> Report:
             "cohorts by month (metrics cohorts)": lambda q: q.metric("cohorts", max_offset=6),
             "at-risk top 20": lambda q: q.at_risk(top=20),
         }
+        scanning = list(cases)[:sizes["full_scans"]]
         for title, ask in cases.items():
             say(title)
 
@@ -98,22 +100,25 @@ def run(size: str, tmp: Path, budget_s: float | None) -> Report:
                 return n
 
             timing = _best(work, repeats)
-            say(f"{title}, full scan")
-            before = _best(scan_work, 1)
             timings[title] = timing.to_dict()
-            timings[f"{title}, full scan"] = before.to_dict()
+            same = "full scan not run at this size"
+            if title in scanning:
+                say(f"{title}, full scan")
+                before = _best(scan_work, 1)
+                timings[f"{title}, full scan"] = before.to_dict()
+                same = f"same answer as the full scan: {answers[title] == scanned[title]}"
             report.add(Row(title, timing.wall_s, "s", floor.wall_s, "s baseline",
                            floor.wall_s / timing.wall_s if timing.wall_s else None,
                            f"<= {TARGET_S:g} s", timing.wall_s <= TARGET_S,
-                           note=f"{1e6 * timing.wall_s / n:.1f} us per customer; "
-                                f"same answer as the full scan: {answers[title] == scanned[title]}",
+                           note=f"{1e6 * timing.wall_s / n:.1f} us per customer; {same}",
                            cpu_value=timing.cpu_s))
-            report.add(Row("  the same, full scan of the states", before.wall_s, "s",
-                           floor.wall_s, "s baseline",
-                           floor.wall_s / before.wall_s if before.wall_s else None,
-                           cpu_value=before.cpu_s))
+            if title in scanning:
+                report.add(Row("  the same, full scan of the states", before.wall_s, "s",
+                               floor.wall_s, "s baseline",
+                               floor.wall_s / before.wall_s if before.wall_s else None,
+                               cpu_value=before.cpu_s))
         report.details["timings"] = timings
-        report.details["same_answers"] = {t: answers[t] == scanned[t] for t in cases}
+        report.details["same_answers"] = {t: answers[t] == scanned[t] for t in scanning}
         crr = answers["CRR by month (metrics retention)"]["result"]
         report.details["sanity"] = {
             "retention_periods": len(crr),
