@@ -276,10 +276,10 @@ def _lifecycle(acc: LifecycleAccumulator, facts: Facts) -> dict[str, list[int]]:
 
 
 # -- at-risk ---------------------------------------------------------------------------------
-def _per_customer_sum(facts: Facts, values: Ints) -> Ints:
-    """Sum over each customer's purchase days of ``values`` (exact integers)."""
-    total = np.concatenate(([0], np.cumsum(values)))
-    return total[facts.day_start + facts.n_days] - total[facts.day_start]
+def _days_up_to(facts: Facts, day: Ints, limit: int) -> Ints:
+    """Per customer, how many of their purchase days are on or before day ``limit``: a
+    prefix of their days, which are in increasing order."""
+    return np.bincount(facts.day_cust[day <= limit], minlength=facts.n)
 
 
 def _pick(values: Ints, index: Ints, where: npt.NDArray[np.bool_]) -> Ints:
@@ -357,11 +357,14 @@ def risk_bound(facts: Facts, as_of_ms: int, settings: SignalSettings,
                       np.where(facts.cancel_scope == SUBSCRIPTION, 25.0, 0.0))
     np.maximum.at(cancel, c_cust[open_], weight[open_])
     score += cancel
+    # Spend in the last window and the one before: each is a run of a customer's days, so
+    # a difference of one running total (exact integers) at the runs' ends.
     width = settings.spend_decline_window_days
-    recent_spend = _per_customer_sum(
-        facts, np.where((day > t_day - width) & (day <= t_day), facts.day_amount, 0))
-    before_spend = _per_customer_sum(
-        facts, np.where((day > t_day - 2 * width) & (day <= t_day - width), facts.day_amount, 0))
+    running = np.concatenate(([0], np.cumsum(facts.day_amount)))
+    start = facts.day_start
+    ends = [running[start + _days_up_to(facts, day, t_day - k * width)] for k in (0, 1, 2)]
+    recent_spend = ends[0] - ends[1]
+    before_spend = ends[1] - ends[2]
     declined = (before_spend > 0) & (recent_spend < before_spend * settings.spend_decline_ratio)
     with np.errstate(divide="ignore", invalid="ignore"):
         drop, close = _rounded(15 * (1 - recent_spend / np.maximum(before_spend, 1)))
@@ -373,7 +376,7 @@ def risk_bound(facts: Facts, as_of_ms: int, settings: SignalSettings,
         doubt |= close
     bound = np.minimum(100, np.rint(score) + doubt).astype(np.int64)
     bound[~bought] = 0  # risk_score is 0 without a purchase at or before as_of
-    return bound, _per_customer_sum(facts, facts.day_amount)
+    return bound, running[start + facts.n_days] - running[start]
 
 
 def top_at_risk(facts: Facts, ids: list[str], as_of_ms: int, window_days: int,
