@@ -11,7 +11,6 @@ from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from retain.core import metrics
 from retain.core.config import DAY_MS, Settings
 from retain.core.signals import lapse_due_ms, risk_score
 from retain.core.state import CustomerState, day_of
@@ -156,6 +155,8 @@ class LocalQuery:
     def metric(self, name: str, **params: Any) -> dict[str, Any]:
         as_of = self._as_of(params.pop("as_of_ms", None))
         params = metric_params(name, params, as_of, self.settings)
+        from retain.core import metrics  # not imported for a customer's page: start-up
+
         acc = metrics.new_accumulator(name, **params)
         answered = None
         if name in ("retention", "cohorts", "lifecycle"):
@@ -219,6 +220,8 @@ def metric_params(name: str, params: dict[str, Any], as_of: int,
         params.setdefault("window_days", settings.state.activity_window_days)
         params.setdefault("include_subscriptions", settings.state.active_includes_subscriptions)
     if name != "summary":
+        from retain.core import metrics
+
         period = params.setdefault("period", "month")
         params.setdefault("to_ms", as_of + 1)
         if params.get("from_ms") is None:
