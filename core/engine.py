@@ -16,7 +16,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
-from retain.core.actions import Action, ActionBase, action_to_dict, apply_policy, stamp
+import orjson
+
+from retain.core.actions import Action, ActionBase, apply_policy, stamp
 from retain.core.config import Settings
 from retain.core.events import AnyEvent, epoch_ms
 from retain.core.logs import debug_enabled, ensure_configured, get_logger
@@ -37,6 +39,14 @@ class Outcome:
     customer_id: str
     signals: list[Signal] = field(default_factory=list)
     actions: list[Action] = field(default_factory=list)
+    _bodies: list[bytes] | None = None
+
+    def bodies(self) -> list[bytes]:
+        """Each action as JSON (``Action.to_json``), made once: the engine's store, its
+        sinks and a worker's actions topic all take these bytes."""
+        if self._bodies is None or len(self._bodies) != len(self.actions):
+            self._bodies = [a.to_json() for a in self.actions]
+        return self._bodies
 
 
 class Timers(Protocol):
@@ -379,15 +389,29 @@ class Engine:
         if outcome.signals:
             self.store.add_signals(outcome.signals)
         if outcome.actions:
-            self.store.add_actions(outcome.actions)
-            emitted = [action_to_dict(a) for a in outcome.actions if a.status == "emitted"]
+            bodies = outcome.bodies()
+            self.store.add_actions(outcome.actions, bodies)
+            emitted = [body for action, body in zip(outcome.actions, bodies, strict=True)
+                       if action.status == "emitted"]
             if emitted:
-                for sink in self.sinks:
-                    try:
-                        sink.emit(emitted)
-                    except Exception as exc:
-                        log.error("sink failed", sink=sink.name, error=repr(exc))
-                        self.stats["sink_failures"] += 1
+                self._emit(emitted)
+
+    def _emit(self, bodies: list[bytes]) -> None:
+        """Hand emitted actions to every sink: as their JSON to a sink that takes it
+        (``emit_json``), as dicts to the others."""
+        dicts: list[dict[str, Any]] | None = None
+        for sink in self.sinks:
+            try:
+                emit_json = getattr(sink, "emit_json", None)
+                if emit_json is not None:
+                    emit_json(bodies)
+                    continue
+                if dicts is None:
+                    dicts = [orjson.loads(body) for body in bodies]
+                sink.emit(dicts)
+            except Exception as exc:
+                log.error("sink failed", sink=sink.name, error=repr(exc))
+                self.stats["sink_failures"] += 1
 
     def flush_sinks(self) -> None:
         """Called before each store commit. A sink that cannot deliver now is logged and

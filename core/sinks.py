@@ -12,7 +12,9 @@ import orjson
 class Sink(Protocol):
     """An action sink: ``emit`` a batch of emitted actions (as dicts), ``flush``, ``close``.
 
-    Sinks receive each action at least once; the ``action_id`` is the idempotency key.
+    Sinks receive each action at least once; the ``action_id`` is the idempotency key. A
+    sink may also have ``emit_json(bodies: list[bytes])``: the engine then hands it the
+    actions as their JSON, the bytes it stores, instead of calling ``emit``.
     """
 
     name: str
@@ -38,10 +40,16 @@ class JsonlSink:
         self._fp: IO[bytes] | None = None
 
     def emit(self, actions: list[dict[str, Any]]) -> None:
+        self.emit_json([orjson.dumps(a) for a in actions])
+
+    def emit_json(self, bodies: list[bytes]) -> None:
+        """One line per action, its JSON as the engine made it."""
+        if not bodies:
+            return
         if self._fp is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fp = self.path.open("ab")
-        self._fp.write(b"".join(orjson.dumps(a) + b"\n" for a in actions))
+        self._fp.write(b"\n".join(bodies) + b"\n")
 
     def flush(self) -> None:
         if self._fp is not None:

@@ -15,7 +15,7 @@ import heapq
 import itertools
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
@@ -48,7 +48,8 @@ class Store(Protocol):
     def count(self) -> int: ...
     def timers(self) -> Iterator[tuple[str, int]]: ...
     def add_signals(self, signals: Iterable[Signal]) -> None: ...
-    def add_actions(self, actions: Iterable[Action]) -> None: ...
+    def add_actions(self, actions: Sequence[Action], bodies: Sequence[bytes]) -> None:
+        """Keep ``actions``; ``bodies`` are their JSON (``Action.to_json``), in order."""
     def signals(self, customer_id: str | None = None, kind: str | None = None,
                 limit: int | None = None) -> list[dict[str, Any]]: ...
     def actions(self, customer_id: str | None = None, status: str | None = None,
@@ -66,8 +67,7 @@ def _signal_row(s: Signal) -> tuple[Any, ...]:
     return (s.signal_id, s.customer_id, s.kind, s.score, s.at_ms, orjson.dumps(s.to_dict()))
 
 
-def _action_row(a: Action) -> tuple[Any, ...]:
-    body = a.to_json()
+def _action_row(a: Action, body: bytes) -> tuple[Any, ...]:
     return (a.action_id, a.customer_id, a.strategy, a.kind, a.status, a.at_ms, body)
 
 
@@ -105,9 +105,9 @@ class MemoryStore:
         for s in signals:
             self._signals.setdefault(s.signal_id, s.to_dict())
 
-    def add_actions(self, actions: Iterable[Action]) -> None:
-        for a in actions:
-            self._actions.setdefault(a.action_id, orjson.loads(a.to_json()))
+    def add_actions(self, actions: Sequence[Action], bodies: Sequence[bytes]) -> None:
+        for a, body in zip(actions, bodies, strict=True):
+            self._actions.setdefault(a.action_id, orjson.loads(body))
 
     def signals(self, customer_id: str | None = None, kind: str | None = None,
                 limit: int | None = None) -> list[dict[str, Any]]:
@@ -522,8 +522,8 @@ class SqliteStore:
     def add_signals(self, signals: Iterable[Signal]) -> None:
         self._signals.extend(_signal_row(s) for s in signals)
 
-    def add_actions(self, actions: Iterable[Action]) -> None:
-        self._actions.extend(_action_row(a) for a in actions)
+    def add_actions(self, actions: Sequence[Action], bodies: Sequence[bytes]) -> None:
+        self._actions.extend(map(_action_row, actions, bodies))
 
     def signals(self, customer_id: str | None = None, kind: str | None = None,
                 limit: int | None = None) -> list[dict[str, Any]]:

@@ -481,11 +481,10 @@ class Runtime:
                 counts[by_kind] = counts.get(by_kind, 0) + 1
                 records.append(Record(self.topics.signals, signal.signal_id.encode(),
                                       orjson.dumps(signal.to_dict())))
-            for action in outcome.actions:
+            for action, body in zip(outcome.actions, outcome.bodies(), strict=True):
                 if action.status == "emitted":
                     counts["actions_emitted"] += 1
-                    records.append(Record(self.topics.actions, action.action_id.encode(),
-                                          action.to_json()))
+                    records.append(Record(self.topics.actions, action.action_id.encode(), body))
                 else:
                     counts["actions_suppressed"] += 1
         store.add_stats(offset, counts)

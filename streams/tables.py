@@ -693,10 +693,10 @@ class TableStore:
         for cid, rows in by_customer.items():
             self._add_rows(SIGNALS_TABLE, cid, rows, "signal_id")
 
-    def add_actions(self, actions: Iterable[Any]) -> None:
+    def add_actions(self, actions: Sequence[Any], bodies: Sequence[bytes]) -> None:
         by_customer: dict[str, list[dict[str, Any]]] = {}
-        for a in actions:
-            by_customer.setdefault(a.customer_id, []).append(orjson.loads(a.to_json()))
+        for a, body in zip(actions, bodies, strict=True):
+            by_customer.setdefault(a.customer_id, []).append(orjson.loads(body))
         for cid, rows in by_customer.items():
             self._add_rows(ACTIONS_TABLE, cid, rows, "action_id")
 
