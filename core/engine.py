@@ -39,7 +39,7 @@ class Outcome:
     customer_id: str
     signals: list[Signal] = field(default_factory=list)
     actions: list[Action] = field(default_factory=list)
-    _bodies: list[bytes] | None = None
+    _bodies: list[bytes] | None = field(default=None, repr=False, compare=False)
 
     def bodies(self) -> list[bytes]:
         """Each action as JSON (``Action.to_json``), made once: the engine's store, its
