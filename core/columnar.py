@@ -15,7 +15,7 @@ merging the ranges per customer and counting them gives the active count at each
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -379,7 +379,7 @@ def risk_bound(facts: Facts, as_of_ms: int, settings: SignalSettings,
     return bound, running[start + facts.n_days] - running[start]
 
 
-def top_at_risk(facts: Facts, ids: list[str], as_of_ms: int, window_days: int,
+def top_at_risk(facts: Facts, ids: Sequence[str], as_of_ms: int, window_days: int,
                 subscriptions: bool, settings: SignalSettings, model: Any, top: int,
                 min_score: int,
                 exact: Callable[[str], tuple[Any, ...] | None]) -> list[tuple[Any, ...]]:

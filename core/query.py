@@ -113,7 +113,7 @@ class LocalQuery:
         self.use_facts = use_facts
 
     def _facts(self, with_ids: bool = False) -> Any:
-        fetch = getattr(self.store, "query_facts", None) if self.use_facts else None
+        fetch = getattr(self.store, "query_fact_parts", None) if self.use_facts else None
         found = fetch(with_ids) if fetch is not None else None
         if found is None:
             return None

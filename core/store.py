@@ -21,7 +21,7 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 
 import orjson
 
-from retain.core.facts import FACTS_VERSION, pack
+from retain.core.facts import FACTS_VERSION, HEAD_SIZE, JoinedIds, pack
 from retain.core.logs import get_logger
 from retain.core.signals import Signal
 from retain.core.state import CustomerState
@@ -402,6 +402,21 @@ class SqliteStore:
         the days and the rests, each concatenated; see retain.core.facts); or None when
         the store cannot vouch for them: no facts yet (a store written before they existed,
         opened read-only), or states changed in this process and not yet committed.
+        :meth:`query_fact_parts` gives the same without joining the pieces.
+        """
+        found = self.query_fact_parts(with_ids, chunk)
+        if found is None:
+            return None
+        ids, *parts = found
+        heads, days, rests = (b"".join(p) for p in parts)
+        return (None if ids is None else list(ids)), heads, days, rests
+
+    def query_fact_parts(
+        self, with_ids: bool = False, chunk: int | None = None,
+    ) -> tuple[Sequence[str] | None, list[bytes], list[bytes], list[bytes]] | None:
+        """:meth:`query_facts` as the consecutive pieces of the headers, the days and the
+        rests (a block's or a chunk's each), which ``facts.load`` reads in place; the ids
+        are split only where they are read (``facts.JoinedIds``).
 
         They come from the blocks (``facts_blocks``), with the range of any stale block
         read from ``query_facts``. Without blocks (a store from before them, opened
@@ -428,13 +443,13 @@ class SqliteStore:
                 rows = self._facts_in_chunks(columns, chunk or FACTS_CHUNK)
         finally:
             self.db.execute("COMMIT")
-        ids: list[str] = []
-        if with_ids:
-            for row in rows:
-                if row[3]:
-                    ids.extend(row[3].split("\x1f"))  # ids hold no control characters
-        heads, days, rests = (b"".join(row[i] or b"" for row in rows) for i in range(3))
-        return (ids if with_ids else None), heads, days, rests
+        rows = [row for row in rows if row[0]]  # a block or chunk with customers
+        ids = None
+        if with_ids:  # ids hold no control characters: char(31) separates them
+            ids = JoinedIds([row[3] for row in rows],
+                                  [len(row[0]) // HEAD_SIZE for row in rows], "\x1f")
+        heads, days, rests = ([row[i] or b"" for row in rows] for i in range(3))
+        return ids, heads, days, rests
 
     def _facts_in_chunks(self, columns: str, chunk: int) -> list[tuple[Any, ...]]:
         rows = []

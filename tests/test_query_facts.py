@@ -465,3 +465,19 @@ def test_facts_stay_in_step_through_small_batches_and_a_small_cache(world: dict[
         assert found is not None
         packed = [facts.pack(s) for s in sorted(reader.states(), key=lambda s: s.customer_id)]
         assert list(found[1:]) == [b"".join(p[i] for p in packed) for i in range(3)]
+
+
+def test_joined_ids_read_as_the_list_they_stand_for() -> None:
+    """Ids kept as joined pieces give each id where the list would, and a piece whose
+    count does not match its headers is refused when read."""
+    ids = facts.JoinedIds(["a\x1fb\x1fc", "d", "e\x1ff"], [3, 1, 2], "\x1f")
+    whole = ["a", "b", "c", "d", "e", "f"]
+    assert len(ids) == 6
+    assert [ids[i] for i in range(6)] == whole
+    assert ids[-1] == "f" and ids[1:4] == whole[1:4] and list(ids) == whole
+    with pytest.raises(IndexError):
+        ids[6]
+    broken = facts.JoinedIds(["a\x1fb", "c"], [1, 2], "\x1f")
+    with pytest.raises(ValueError):
+        broken[0]
+    assert len(facts.JoinedIds([], [], "\x1f")) == 0
