@@ -180,11 +180,16 @@ Parts = bytes | Sequence[bytes]
 place rather than joined first."""
 
 
+def _pieces(np: Any, data: Parts, dtype: Any) -> list[Any]:
+    """The non-empty pieces of ``data`` as arrays of ``dtype``, read in place."""
+    return [np.frombuffer(part, dtype=dtype)
+            for part in ([data] if isinstance(data, bytes) else data) if part]
+
+
 def _records(np: Any, data: Parts, dtype: Any) -> Callable[[str], Any]:
     """A reader of each named field of the ``dtype`` records in ``data``, as one int64
     column."""
-    pieces = [np.frombuffer(part, dtype=dtype) for part in
-              ([data] if isinstance(data, bytes) else data) if part]
+    pieces = _pieces(np, data, dtype)
 
     def column(name: str) -> Any:
         if not pieces:
@@ -206,9 +211,8 @@ def load(heads: Parts, days: Parts, rests: Parts, ids: Sequence[str] | None = No
                          "itemsize": struct.calcsize(DAY)}).newbyteorder("<")
     header = _records(np, heads, head_type)
     day = _records(np, days, day_type)
-    words = np.concatenate([np.zeros(0, dtype=np.int64)] + [
-        np.frombuffer(part, dtype="<i8") for part in ([rests] if isinstance(rests, bytes)
-                                                      else rests) if part], dtype=np.int64)
+    words = np.concatenate([np.zeros(0, dtype=np.int64), *_pieces(np, rests, "<i8")],
+                           dtype=np.int64)
     n_days = header("days")
     n = len(n_days)
     n_cancels = header("cancels")

@@ -447,7 +447,7 @@ class SqliteStore:
         ids = None
         if with_ids:  # ids hold no control characters: char(31) separates them
             ids = JoinedIds([row[3] for row in rows],
-                                  [len(row[0]) // HEAD_SIZE for row in rows], "\x1f")
+                            [len(row[0]) // HEAD_SIZE for row in rows], "\x1f")
         heads, days, rests = ([row[i] or b"" for row in rows] for i in range(3))
         return ids, heads, days, rests
 
